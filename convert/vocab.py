@@ -1,0 +1,76 @@
+"""The tokenizer half of the GGUF metadata, read from tokenizer.json the way llama.cpp's converter writes it.
+
+llama.cpp's converter loads the tokenizer through transformers; we read tokenizer.json directly (no torch, no
+transformers) and apply the same rules: byte-level BPE tokens as stored, added tokens typed CONTROL when they
+are special or look special (`<|...|>`), USER_DEFINED otherwise, and `[PAD{i}]` (UNUSED) up to vocab_size.
+Merges, special token ids and the chat template come from gguf-py's SpecialVocab, exactly as upstream.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+
+from localqwen.errors import LocalqwenError
+
+from .checkpoint import Checkpoint, read_json
+
+# The pre-tokenizer regex of Qwen2/Qwen3; llama.cpp implements it under the name "qwen2".
+QWEN2_PRETOKENIZER_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_PRE = "qwen2"
+
+
+def looks_special(token: str) -> bool:
+    """Added tokens that are control tokens in spirit even when tokenizer.json says special: false."""
+    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+
+
+def pretokenizer_regexes(tokenizer: dict) -> list[str]:
+    pre = tokenizer.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return [step["pattern"]["Regex"] for step in steps
+            if step.get("type") == "Split" and isinstance(step.get("pattern"), dict) and "Regex" in step["pattern"]]
+
+
+def read_vocab(checkpoint: Checkpoint) -> tuple[list[str], list[gguf.TokenType]]:
+    path = checkpoint.folder / "tokenizer.json"
+    tokenizer = read_json(path)
+    model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise LocalqwenError("not a byte-level BPE tokenizer (expected Qwen's)", path)
+    if pretokenizer_regexes(tokenizer) != [QWEN2_PRETOKENIZER_REGEX]:
+        raise LocalqwenError("pre-tokenizer differs from Qwen2/Qwen3's; llama.cpp would tokenize it wrongly", path)
+
+    by_id: dict[int, tuple[str, gguf.TokenType]] = {
+        token_id: (token, gguf.TokenType.NORMAL) for token, token_id in model["vocab"].items()}
+    for added in tokenizer.get("added_tokens", []):
+        token = added["content"]
+        special = added.get("special") or looks_special(token)
+        by_id[added["id"]] = (token, gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+
+    vocab_size = checkpoint.hparams.vocab_size
+    if max(by_id) >= vocab_size:
+        raise LocalqwenError(f"token id {max(by_id)} is outside vocab_size {vocab_size} of config.json", path)
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token, token_type = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
+        tokens.append(token)
+        types.append(token_type)
+    return tokens, types
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> None:
+    tokens, types = read_vocab(checkpoint)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(QWEN2_PRE)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(Path(checkpoint.folder), load_merges=True)
+    if not special.merges:
+        raise LocalqwenError("holds no BPE merges", checkpoint.folder / "tokenizer.json")
+    if not special.chat_template:
+        raise LocalqwenError("holds no chat_template", checkpoint.folder / "tokenizer_config.json")
+    special.add_to_gguf(writer, quiet=True)

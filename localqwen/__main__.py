@@ -1,0 +1,3 @@
+from localqwen.cli import main
+
+main()

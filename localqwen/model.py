@@ -1,0 +1,283 @@
+"""The runtime: load a GGUF through llama.cpp and generate typed, thinking-aware events.
+
+    model = Model.load("Qwen3-4B-Thinking-2507-Q4_K_M.gguf")
+    for event in model.chat([{"role": "user", "content": "Hi"}]):
+        print(event.kind, event.text)
+
+One generation runs at a time per model (llama.cpp contexts are not thread-safe); others wait or get ModelBusy.
+A generation stops when its stream is closed or `cancel()` is called from any thread.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localqwen.backend import gpu_offload_supported, open_llama
+from localqwen.constants import (
+    DEFAULT_MAX_TOKENS,
+    ENDOFTEXT_ID,
+    IM_END_ID,
+    THINK_CLOSE,
+    THINKING_BUDGET_WRAP_UP,
+)
+from localqwen.errors import LocalqwenError
+from localqwen.events import Event, Stats
+from localqwen.parser import StreamParser
+from localqwen.plan import (
+    KV_TYPES,
+    MemoryPlan,
+    available_memory,
+    largest_context,
+    plan_memory,
+    read_shape,
+)
+from localqwen.prompt import render_chat
+from localqwen.sampling import Sampling
+
+# ggml type ids for the KV cache (ggml.h: GGML_TYPE_F16 = 1, GGML_TYPE_Q4_0 = 2, GGML_TYPE_Q8_0 = 8).
+GGML_KV_TYPE_IDS = {"f16": 1, "q8_0": 8, "q4_0": 2}
+# When thinking would eat all of max_tokens, this many tokens (at most a quarter of max_tokens) stay for the answer.
+DEFAULT_ANSWER_RESERVE = 1024
+# Free memory `n_ctx="auto"` leaves to the rest of the machine.
+MEMORY_MARGIN = 0.15
+MIN_MEMORY_MARGIN = 1 << 30
+
+
+class ModelBusy(LocalqwenError):
+    """Another generation holds the model and the caller chose not to wait."""
+
+
+class ContextOverflow(LocalqwenError):
+    def __init__(self, prompt_tokens: int, n_ctx: int) -> None:
+        self.prompt_tokens, self.n_ctx = prompt_tokens, n_ctx
+        super().__init__(f"the prompt is {prompt_tokens} tokens, {prompt_tokens - n_ctx + 1} more than the context of "
+                         f"{n_ctx} allows")
+
+
+@dataclass
+class Reply:
+    """A whole generation, collected from its events (non-streaming use)."""
+
+    thinking: str
+    content: str
+    tool_calls: list[Any]
+    stats: Stats
+
+    @classmethod
+    def collect(cls, events: Iterator[Event]) -> Reply:
+        parts: dict[str, list[str]] = {"thinking": [], "content": []}
+        tool_calls, stats = [], None
+        for event in events:
+            if event.kind in parts:
+                parts[event.kind].append(event.text)
+            elif event.kind == "tool_call":
+                tool_calls.append(event.tool_call)
+            else:
+                stats = event.stats
+        assert stats is not None, "every generation ends with a done event"
+        return cls("".join(parts["thinking"]), "".join(parts["content"]), tool_calls, stats)
+
+
+class Model:
+    def __init__(self, llama: Any, path: Path, plan: MemoryPlan, load_s: float) -> None:
+        import llama_cpp
+
+        self.llama, self.path, self.plan, self.load_s = llama, path, plan, load_s
+        self.metadata: dict[str, str] = dict(llama.metadata)
+        self.template = self.metadata.get("tokenizer.chat_template")
+        if not self.template:
+            raise LocalqwenError("has no chat template (tokenizer.chat_template)", path)
+        self.sampling = Sampling.from_metadata(self.metadata)
+        vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        special_attrs = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        self.special_texts = [llama.detokenize([i], special=True).decode("utf-8", "replace")
+                              for i in range(llama.n_vocab())
+                              if llama_cpp.llama_vocab_get_attr(vocab, i) & special_attrs]
+        self.end_ids = {IM_END_ID, ENDOFTEXT_ID, llama.token_eos()}
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+
+    @classmethod
+    def load(cls, path: str | Path, *, n_ctx: int | str = "auto", kv_type: str = "f16", flash_attn: bool | None = None,
+             gpu_layers: int | str = "auto", threads: int | None = None, max_ctx: int | None = None) -> Model:
+        """Load a GGUF. n_ctx="auto" takes the largest context that fits free memory, up to `max_ctx`."""
+        path = Path(path)
+        if not path.is_file():
+            raise LocalqwenError("model file not found", path)
+        if kv_type not in KV_TYPES:
+            raise LocalqwenError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
+        shape = read_shape(path)
+        flash = kv_type != "f16" if flash_attn is None else flash_attn  # a quantized V cache needs flash attention
+        ram, vram = available_memory()
+        offload = gpu_offload_supported() and vram is not None
+        layers = (shape.n_layers + 1 if offload else 0) if gpu_layers == "auto" else int(gpu_layers)
+        limit = min(max_ctx or shape.n_ctx_train, shape.n_ctx_train)
+        if n_ctx == "auto":
+            budget = (vram if offload and vram else ram)
+            budget -= max(MIN_MEMORY_MARGIN, int(budget * MEMORY_MARGIN))
+            n_ctx = largest_context(shape, budget, kv_type=kv_type, flash_attn=flash, gpu_layers=layers, limit=limit)
+            if n_ctx == 0:
+                raise LocalqwenError("not enough free memory for even a small context", path)
+        elif not isinstance(n_ctx, int) or not 0 < n_ctx <= shape.n_ctx_train:
+            raise LocalqwenError(f"context {n_ctx} must be between 1 and {shape.n_ctx_train}")
+        plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash, gpu_layers=layers)
+        started = time.perf_counter()
+        try:
+            llama = open_llama(
+                path, n_ctx=n_ctx, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch,
+                n_gpu_layers=layers, flash_attn=flash, type_k=GGML_KV_TYPE_IDS[kv_type],
+                type_v=GGML_KV_TYPE_IDS[kv_type], n_threads=threads or default_threads())
+        except (ValueError, RuntimeError) as exc:
+            raise LocalqwenError(f"llama.cpp could not load the model ({exc})", path) from None
+        return cls(llama, path, plan, time.perf_counter() - started)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llama.n_ctx()
+
+    def tokenize_chat(self, messages: list[Any], tools: list[Any] | None = None) -> list[int]:
+        """The prompt tokens: template structure as special tokens, user-supplied text never."""
+        tokens: list[int] = []
+        for segment in render_chat(self.template, messages, self.special_texts, tools=tools):
+            tokens += self.llama.tokenize(segment.text.encode(), add_bos=False, special=segment.special)
+        return tokens
+
+    def chat(self, messages: list[Any], *, tools: list[Any] | None = None, max_tokens: int | None = None,
+             thinking_budget: int | None = None, answer_reserve: int | None = None, wait: float | None = None,
+             **sampling: Any) -> Iterator[Event]:
+        """Stream the reply to `messages` as events; sampling overrides: temperature, top_p, top_k, min_p,
+        presence_penalty, seed."""
+        prompt = self.tokenize_chat(messages, tools)
+        return self.generate(prompt, max_tokens=max_tokens, thinking_budget=thinking_budget,
+                             answer_reserve=answer_reserve, wait=wait, **sampling)
+
+    def cancel(self) -> None:
+        """Stop the running generation (from any thread); its stream ends with finish reason "cancelled"."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self.llama.close()
+
+    def generate(self, prompt: Sequence[int], *, max_tokens: int | None = None, thinking_budget: int | None = None,
+                 answer_reserve: int | None = None, thinking: bool = True, wait: float | None = None,
+                 **sampling: Any) -> Iterator[Event]:
+        """Stream events for raw prompt tokens. `thinking`: the prompt leaves the model inside `<think>`."""
+        options = self.sampling.with_overrides(**sampling)
+        if len(prompt) >= self.n_ctx:
+            raise ContextOverflow(len(prompt), self.n_ctx)
+        if max_tokens is not None and max_tokens < 1:
+            raise LocalqwenError(f"max_tokens must be at least 1, got {max_tokens}")
+        if thinking_budget is not None and thinking_budget < 0:
+            raise LocalqwenError(f"thinking_budget must be 0 or more, got {thinking_budget}")
+        limit = min(max_tokens or DEFAULT_MAX_TOKENS, self.n_ctx - len(prompt))
+        reserve = min(limit // 4, DEFAULT_ANSWER_RESERVE) if answer_reserve is None else answer_reserve
+        budget = min(thinking_budget if thinking_budget is not None else limit, max(limit - reserve, 0))
+        return self._run(list(prompt), limit, budget, thinking, options, wait)
+
+    @contextlib.contextmanager
+    def _exclusive(self, wait: float | None) -> Iterator[None]:
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
+            raise ModelBusy("the model is busy with another generation")
+        self._cancel.clear()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _run(self, tokens: list[int], limit: int, budget: int, thinking: bool, options: Sampling,
+             wait: float | None) -> Iterator[Event]:
+        with self._exclusive(wait):
+            stats = Stats(finish_reason="stop", prompt_tokens=len(tokens))
+            parser = StreamParser(thinking=thinking)
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            tool_calls = 0
+
+            def emit(text: str) -> Iterator[Event]:
+                nonlocal tool_calls
+                for event in parser.feed(text):
+                    tool_calls += event.kind == "tool_call"
+                    yield event
+
+            started = time.perf_counter()
+            first_token_at: float | None = None
+            self.llama.set_seed(options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little"))
+            pending: list[int] = []  # forced tokens (end of thinking) that go in before sampling resumes
+            while True:
+                if stats.completion_tokens >= limit:
+                    stats.finish_reason = "length"
+                    break
+                if parser.in_thinking and stats.thinking_tokens >= budget:
+                    # Thinking budget spent: close the thinking as the Qwen3 report does, then let the model answer.
+                    # (The report writes "</think>.\n\n"; we follow the chat template's "</think>\n\n".)
+                    forced = "\n\n" + THINKING_BUDGET_WRAP_UP + THINK_CLOSE + "\n\n"
+                    yield from emit(decoder.decode(b"") + forced)
+                    pending = self.llama.tokenize(forced.encode(), add_bos=False, special=True)
+                    stats.thinking_tokens += len(pending)
+                resume = False
+                stream = self.llama.generate(tokens + pending, temp=options.temperature, top_p=options.top_p,
+                                             top_k=options.top_k, min_p=options.min_p,
+                                             presence_penalty=options.presence_penalty, repeat_penalty=1.0)
+                tokens += pending
+                pending = []
+                try:
+                    for token in stream:
+                        first_token_at = first_token_at or time.perf_counter()
+                        if self._cancel.is_set():
+                            stats.finish_reason = "cancelled"
+                            break
+                        if token in self.end_ids:
+                            break
+                        tokens.append(token)
+                        was_thinking = parser.in_thinking
+                        yield from emit(decoder.decode(self.llama.detokenize([token])))
+                        if was_thinking:
+                            stats.thinking_tokens += 1
+                        else:
+                            stats.content_tokens += 1
+                        if stats.completion_tokens >= limit or (parser.in_thinking and stats.thinking_tokens >= budget):
+                            resume = True
+                            break
+                finally:
+                    stream.close()
+                if not resume:
+                    break
+            yield from emit(decoder.decode(b"", final=True))
+            for event in parser.finish():
+                tool_calls += event.kind == "tool_call"
+                yield event
+            stats.truncated_thinking = parser.in_thinking
+            if stats.finish_reason == "stop" and tool_calls:
+                stats.finish_reason = "tool_calls"
+            stats.timings = timings(self.load_s, started, first_token_at, time.perf_counter(), stats.prompt_tokens,
+                                    stats.completion_tokens)
+            yield Event("done", stats=stats)
+
+
+def timings(load_s: float, started: float, first: float | None, finished: float, prompt: int, generated: int,
+            ) -> dict[str, float]:
+    first = first or finished
+    decode_s = finished - first
+    return {
+        "load_s": round(load_s, 4),
+        "prompt_eval_s": round(first - started, 4),  # time to first token: prompt evaluation plus one sample
+        "prompt_tokens_per_s": round(prompt / (first - started), 2) if first > started else 0.0,
+        "generation_s": round(decode_s, 4),
+        "tokens_per_s": round((generated - 1) / decode_s, 2) if generated > 1 and decode_s > 0 else 0.0,
+    }
+
+
+def default_threads() -> int:
+    """Physical cores: decode is memory-bound and hyperthreads only add contention."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+

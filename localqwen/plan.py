@@ -1,0 +1,276 @@
+"""The memory planner: what llama.cpp will allocate for a GGUF and settings, and the largest context that fits.
+
+Every formula mirrors the llama.cpp code vendored in llama-cpp-python 0.3.36 (functions cited where used) and was
+checked against the buffer sizes it logs (tests/test_plan.py). No llama.cpp import at module level: planning must
+work, and stay fast, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+
+from localqwen.errors import LocalqwenError
+
+if TYPE_CHECKING:
+    import gguf
+
+KV_TYPES = ("f16", "q8_0", "q4_0")
+# ggml block layout (bytes per block, elements per block), as ggml_row_size() computes it.
+KV_BLOCKS = {"f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
+CTX_PAD = 256  # llama_context::llama_context: cparams.n_ctx = GGML_PAD(cparams.n_ctx, 256)
+F32 = 4
+# VRAM that auto_gpu_layers leaves free for the CUDA context, cuBLAS workspaces and other processes.
+VRAM_RESERVE = 768 << 20
+VRAM_RESERVE_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs from a GGUF: hyperparameters and tensor bytes (read_shape reads them)."""
+
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_vocab: int
+    n_ctx_train: int
+    weight_bytes: int  # all tensor data in the file
+    layer_bytes: list[int]  # tensor data of blk.{i}.*
+    other_bytes: int  # non-layer tensors in the file: token_embd, output_norm, output (absent when tied)
+    n_ff: int = 0  # feed_forward_length; 0: unknown (4 * n_embd is assumed)
+    embd_bytes: int = 0  # non-layer tensors that always stay on the CPU (token_embd); 0: other_bytes - head_bytes
+    head_bytes: int = 0  # output_norm + output as llama.cpp holds them: a second copy of token_embd when tied
+
+    @property
+    def cpu_bytes(self) -> int:
+        return self.embd_bytes or self.other_bytes - self.head_bytes
+
+    @property
+    def ff(self) -> int:
+        return self.n_ff or 4 * self.n_embd
+
+
+def _field(reader: gguf.GGUFReader, key: str, path: Path, default: int | None = None) -> int | str:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is not None:
+            return default
+        raise LocalqwenError(f"not a usable model: GGUF metadata key {key} is missing", path)
+    return field.contents()
+
+
+@functools.lru_cache(maxsize=8)
+def _read_shape(path: Path, mtime_ns: int, size: int) -> ModelShape:
+    import gguf  # gguf-py parses the whole header (token lists included): seconds on the real vocabulary
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError) as exc:
+        raise LocalqwenError(f"not a readable GGUF file ({exc})", path) from None
+    arch = str(_field(reader, "general.architecture", path))
+    n_layers = int(_field(reader, f"{arch}.block_count", path))
+    n_embd = int(_field(reader, f"{arch}.embedding_length", path))
+    n_head = int(_field(reader, f"{arch}.attention.head_count", path))
+    head_dim_k = int(_field(reader, f"{arch}.attention.key_length", path, n_embd // max(n_head, 1)))
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise LocalqwenError("not a usable model: tensor token_embd.weight is missing", path)
+    sizes = {name: int(t.n_bytes) for name, t in tensors.items()}
+    layer_bytes = [0] * n_layers
+    for name, nbytes in sizes.items():
+        if name.startswith("blk."):
+            il = int(name.split(".")[1])
+            if il >= n_layers:
+                raise LocalqwenError(f"not a usable model: tensor {name} is beyond block_count {n_layers}", path)
+            layer_bytes[il] += nbytes
+    weight_bytes = sum(sizes.values())
+    other = weight_bytes - sum(layer_bytes)
+    head_in_file = sizes.get("output_norm.weight", 0) + sizes.get("output.weight", 0)
+    # create_tensor(..., TENSOR_DUPLICATED): a tied model gets `output` as a copy of token_embd. It shares the mapped
+    # file only while both stay in the plain CPU buffer; AMX/repack buffers and GPUs hold a real second copy.
+    head = head_in_file + (0 if "output.weight" in sizes else sizes["token_embd.weight"])
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    return ModelShape(
+        n_layers=n_layers, n_embd=n_embd, n_head=n_head,
+        n_head_kv=int(_field(reader, f"{arch}.attention.head_count_kv", path, n_head)),
+        head_dim_k=head_dim_k, head_dim_v=int(_field(reader, f"{arch}.attention.value_length", path, head_dim_k)),
+        n_vocab=len(tokens.data) if tokens is not None else int(tensors["token_embd.weight"].shape[1]),
+        n_ctx_train=int(_field(reader, f"{arch}.context_length", path)),
+        weight_bytes=weight_bytes, layer_bytes=layer_bytes, other_bytes=other,
+        n_ff=int(_field(reader, f"{arch}.feed_forward_length", path, 0)),
+        embd_bytes=other - head_in_file, head_bytes=head,
+    )
+
+
+def read_shape(path: Path | str) -> ModelShape:
+    """The ModelShape of a GGUF (cached per path, size and modification time)."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise LocalqwenError(f"cannot read the model file ({exc.strerror})", path) from None
+    return _read_shape(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes llama.cpp allocates, by kind and device. n_ctx/n_batch/n_ubatch are the values llama.cpp ends up with."""
+
+    n_ctx: int
+    kv_type: str
+    flash_attn: bool
+    gpu_layers: int
+    n_batch: int
+    n_ubatch: int
+    weights_cpu: int
+    weights_gpu: int
+    kv_cpu: int
+    kv_gpu: int
+    compute_cpu: int
+    compute_gpu: int
+    output: int  # logits buffer in host memory (pinned when a GPU holds the output layer)
+
+    @property
+    def total_cpu(self) -> int:
+        return self.weights_cpu + self.kv_cpu + self.compute_cpu + self.output
+
+    @property
+    def total_gpu(self) -> int:
+        return self.weights_gpu + self.kv_gpu + self.compute_gpu
+
+    @property
+    def total(self) -> int:
+        return self.total_cpu + self.total_gpu
+
+    def to_dict(self) -> dict[str, int | str | bool]:
+        return {**asdict(self), "total_cpu": self.total_cpu, "total_gpu": self.total_gpu, "total": self.total}
+
+
+def _row_bytes(kv_type: str, n: int) -> int:
+    block_bytes, block_elems = KV_BLOCKS[kv_type]
+    return n // block_elems * block_bytes
+
+
+def _compute_peaks(shape: ModelShape, n_kv: int, n_tokens: int, flash_attn: bool) -> tuple[int, int]:
+    """(repeating-layer peak, output-head peak) of the worst-case graph llama_context::sched_reserve allocates.
+
+    ggml-alloc frees each intermediate after its last use, so the buffer is the largest set of tensors alive at one
+    time. Terms were derived from build_attn_mha / the qwen3 graph and fitted to measured buffers; the constants
+    per token (3 x n_embd, 3 x n_ff, ...) are the residual, norm and FFN activations alive at the same time.
+    """
+    q_out = shape.n_head * (shape.head_dim_k + shape.head_dim_v)  # Q and the attention output
+    # build_attn_inp_kq_mask: [n_kv, n_tokens], f16 for flash attention, f32 otherwise; alive across all layers.
+    mask = n_kv * n_tokens * (2 if flash_attn else F32)
+    if flash_attn:  # ggml_flash_attn_ext never materialises the scores
+        attn = mask + n_tokens * F32 * (q_out + 3 * shape.n_embd)
+    else:  # kq = ggml_mul_mat(k, q): f32 [n_kv, n_tokens, n_head]; softmax runs in place; K, V views copied
+        kv_copies = shape.n_head_kv * (shape.head_dim_k + shape.head_dim_v)
+        attn = mask + n_kv * n_tokens * shape.n_head * F32 + n_tokens * F32 * (q_out + kv_copies + 3 * shape.n_embd)
+    ffn = mask + n_tokens * F32 * (3 * shape.ff + 3 * shape.n_embd + shape.n_head * shape.head_dim_v)
+    # The head runs on n_outputs = min(n_tokens, n_outputs_max = n_batch) rows: logits f32 [n_vocab, n_outputs].
+    head = n_tokens * F32 * (shape.n_vocab + 2 * shape.n_embd)
+    return max(attn, ffn), head
+
+
+def plan_memory(shape: ModelShape, n_ctx: int, *, kv_type: str = "f16", flash_attn: bool = False, gpu_layers: int = 0,
+                n_batch: int = 512, n_ubatch: int = 512) -> MemoryPlan:
+    """Predict llama.cpp's buffers for one context. gpu_layers counts like n_gpu_layers (output layer first)."""
+    if kv_type not in KV_TYPES:
+        raise LocalqwenError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
+    if kv_type != "f16" and not flash_attn:  # llama_context: "quantized V cache ... requires Flash Attention"
+        raise LocalqwenError(f"a {kv_type} KV cache needs flash attention")
+    if n_ctx < 1 or n_batch < 1 or n_ubatch < 1:
+        raise LocalqwenError(f"context {n_ctx}, batch {n_batch} and ubatch {n_ubatch} must be positive")
+    # llama_context::llama_context: n_batch is clamped by the requested n_ctx *before* n_ctx is padded to 256.
+    n_batch = min(n_ctx, n_batch)
+    n_ubatch = min(n_batch, n_ubatch)
+    n_ctx = -(-n_ctx // CTX_PAD) * CTX_PAD
+    # llama_model::load_tensors: layers il >= n_layer + 1 - n_gpu_layers go to the GPU, il == n_layer is the output.
+    gpu_layers = max(0, min(gpu_layers, shape.n_layers + 1))
+    first_gpu = shape.n_layers + 1 - gpu_layers
+    head_on_gpu = gpu_layers > 0
+    on_gpu = [il >= first_gpu for il in range(shape.n_layers)]
+
+    # llama_kv_cache::llama_kv_cache: per layer K [n_embd_k_gqa, kv_size] and V, on the layer's device (offload_kqv).
+    kv_layer = n_ctx * (_row_bytes(kv_type, shape.n_head_kv * shape.head_dim_k)
+                        + _row_bytes(kv_type, shape.n_head_kv * shape.head_dim_v))
+    n_on_gpu = sum(on_gpu)
+
+    layer_peak, head_peak = _compute_peaks(shape, n_ctx, n_ubatch, flash_attn)
+    # The scheduler runs each op where its weights live; token_embd (get_rows) always stays on the CPU.
+    cpu_parts = [n_ubatch * shape.n_embd * F32, layer_peak if n_on_gpu < shape.n_layers else 0]
+    gpu_parts = [layer_peak if n_on_gpu else 0]
+    (gpu_parts if head_on_gpu else cpu_parts).append(head_peak)
+
+    head, layers_gpu = shape.head_bytes, sum(shape.layer_bytes[il] for il in range(shape.n_layers) if on_gpu[il])
+    return MemoryPlan(
+        n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers, n_batch=n_batch, n_ubatch=n_ubatch,
+        weights_cpu=shape.cpu_bytes + sum(shape.layer_bytes) - layers_gpu + (0 if head_on_gpu else head),
+        weights_gpu=layers_gpu + (head if head_on_gpu else 0),
+        kv_cpu=kv_layer * (shape.n_layers - n_on_gpu), kv_gpu=kv_layer * n_on_gpu,
+        compute_cpu=max(cpu_parts), compute_gpu=max(gpu_parts),
+        # llama_context::output_reserve(n_seq_max = 1): one row of f32 logits; it grows only when a batch asks for
+        # more outputs, which localqwen never does (logits for the last token only).
+        output=shape.n_vocab * F32,
+    )
+
+
+def _free_vram() -> int | None:
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+            # llama.cpp splits layers over all visible GPUs (LLAMA_SPLIT_MODE_LAYER): their free memory adds up.
+            return sum(int(line) for line in out.split()) << 20 or None
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+    if sys.platform == "darwin":  # Metal on unified memory: the GPU may use about 2/3 of RAM (working-set limit)
+        mem = psutil.virtual_memory()
+        return min(mem.available, mem.total * 2 // 3)
+    return None
+
+
+def available_memory() -> tuple[int, int | None]:
+    """(free RAM, free VRAM or None when this llama.cpp build cannot offload or no GPU memory can be measured)."""
+    import llama_cpp
+
+    ram = psutil.virtual_memory().available
+    return ram, (_free_vram() if llama_cpp.llama_supports_gpu_offload() else None)
+
+
+def largest_context(shape: ModelShape, budget_bytes: int, *, kv_type: str, flash_attn: bool, gpu_layers: int = 0,
+                    limit: int | None = None) -> int:
+    """The largest n_ctx (a multiple of 256, at most limit and n_ctx_train) whose plan fits budget_bytes; 0 if none."""
+    cap = min(limit or shape.n_ctx_train, shape.n_ctx_train)
+
+    def fits(n: int) -> bool:
+        plan = plan_memory(shape, n, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers)
+        return plan.total <= budget_bytes
+
+    if cap < CTX_PAD:  # a tiny limit: llama.cpp pads it to 256 cells anyway
+        return cap if cap > 0 and fits(cap) else 0
+    lo, hi = 0, cap // CTX_PAD  # lo: blocks of 256 known to fit (0: none); the plan grows with n_ctx
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid * CTX_PAD) else (lo, mid - 1)
+    return lo * CTX_PAD
+
+
+def auto_gpu_layers(shape: ModelShape, vram_bytes: int, n_ctx: int, kv_type: str, flash_attn: bool) -> int:
+    """As many layers (n_gpu_layers: output layer first, up to n_layers + 1) as fit in VRAM with a reserve."""
+    usable = vram_bytes - VRAM_RESERVE - int(vram_bytes * VRAM_RESERVE_FRACTION)
+    for layers in range(shape.n_layers + 1, 0, -1):
+        plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=layers)
+        if plan.total_gpu <= usable:
+            return layers
+    return 0
