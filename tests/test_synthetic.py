@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -171,7 +172,7 @@ def test_sharded_checkpoint_layout(tmp_path: Path, rope_style: str) -> None:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_single_file_dtypes_and_overrides(tmp_path: Path, dtype: str) -> None:
-    shape = synthetic.replace(TINY, tie_word_embeddings=False)
+    shape = dataclasses.replace(TINY, tie_word_embeddings=False)
     norm = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, -2.5] * 16)  # the middle two are bf16 ties
     folder = write_checkpoint(tmp_path / "ckpt", shape, shards=1, dtype=dtype, weights={"model.norm.weight": norm})
     assert not (folder / "model.safetensors.index.json").exists()
