@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from localqwen.constants import DEFAULT_REPO
+from localqwen.constants import DEFAULT_CONTEXT, DEFAULT_REPO
 from localqwen.convert import DEFAULT_QUANT, OUTPUT_TYPES, convert
+from localqwen.plan import KV_TYPES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +39,110 @@ def convert_command(source: str, quants: tuple[str, ...], outdir: Path | None, o
                     keep_intermediate=keep_intermediate, quiet=quiet)
     for path in paths:
         click.echo(str(path))
+
+
+def context_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value.lower().removesuffix("k")) * (1024 if value.lower().endswith("k") else 1)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number of tokens (e.g. 8192, 32k) or 'auto'") from None
+
+
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """-m and the options that shape how a model is loaded, shared by run, chat and serve."""
+    options = [
+        click.option("-m", "--model", "model_spec", metavar="MODEL",
+                     help="A GGUF file or a model in the store (default: the store's Q4_K_M)."),
+        click.option("--ctx", "n_ctx", default="auto", show_default=True, metavar="N|auto",
+                     help=f"Context in tokens; auto: the largest that fits free memory, at most {DEFAULT_CONTEXT}."),
+        click.option("--kv-cache", "kv_type", type=click.Choice(KV_TYPES), default="f16", show_default=True,
+                     help="KV cache type; q8_0/q4_0 reach long contexts (and turn on flash attention)."),
+        click.option("--flash-attn/--no-flash-attn", default=None, help="Default: on for a quantized KV cache."),
+        click.option("--gpu-layers", default="auto", show_default=True, metavar="N|auto",
+                     help="Layers to offload to the GPU (CUDA/Metal builds)."),
+        click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Generation options; unset ones fall back to the GGUF's (the model card's) defaults."""
+    options = [
+        click.option("--max-tokens", type=click.IntRange(1), help="Most tokens to generate (thinking + answer)."),
+        click.option("--thinking-budget", type=click.IntRange(0), help="Most thinking tokens before answering."),
+        click.option("--temperature", type=float), click.option("--top-p", type=float),
+        click.option("--top-k", type=int), click.option("--min-p", type=float),
+        click.option("--presence-penalty", type=float), click.option("--seed", type=int),
+        click.option("--system", help="System prompt."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def load_model(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, gpu_layers: str,
+               threads: int | None) -> Any:
+    from localqwen.model import Model
+    from localqwen.store import resolve_model
+
+    layers = gpu_layers if gpu_layers == "auto" else int(gpu_layers)
+    ctx = context_size(n_ctx)
+    return Model.load(resolve_model(model_spec), n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn,
+                      gpu_layers=layers, threads=threads, max_ctx=DEFAULT_CONTEXT if ctx == "auto" else None)
+
+
+def with_model(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Load the model from the model options and pass it on as `model`."""
+    @functools.wraps(command)
+    def wrapper(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, gpu_layers: str,
+                threads: int | None, **kwargs: Any) -> Any:
+        return command(load_model(model_spec, n_ctx, kv_type, flash_attn, gpu_layers, threads), **kwargs)
+    return model_options(wrapper)
+
+
+def read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT, or pipe one in (PROMPT '-' reads stdin)")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise click.UsageError("the prompt is empty")
+    return prompt
+
+
+@cli.command("run")
+@click.argument("prompt", required=False)
+@with_model
+@sampling_options
+@click.option("--show-thinking", is_flag=True, help="Stream the thinking to stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with thinking, content and stats.")
+def run_command(model: Any, prompt: str | None, system: str | None, max_tokens: int | None,
+                thinking_budget: int | None, show_thinking: bool, as_json: bool, **sampling: Any) -> None:
+    """Answer one PROMPT (or stdin) and exit: the answer on stdout, thinking on stderr if asked."""
+    from localqwen.events import Reply
+
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": read_prompt(prompt)}]
+    events = model.chat(messages, max_tokens=max_tokens, thinking_budget=thinking_budget, **sampling)
+    if as_json:
+        click.echo(json.dumps(Reply.collect(events).to_dict(), ensure_ascii=False))
+        return
+    for event in events:
+        if event.kind == "thinking" and show_thinking:
+            click.secho(event.text, err=True, dim=True, nl=False)
+        elif event.kind == "content":
+            click.echo(event.text, nl=False)
+        elif event.kind == "tool_call":
+            click.echo(json.dumps({"tool_call": event.tool_call.raw}, ensure_ascii=False))
+        elif event.kind == "done":
+            click.echo()
+            if event.stats.finish_reason == "length":
+                where = " while thinking" if event.stats.truncated_thinking else ""
+                click.secho(f"[stopped at the token limit{where}]", err=True, dim=True)
 
 
 def main() -> None:

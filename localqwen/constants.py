@@ -30,3 +30,6 @@ DEFAULT_MAX_TOKENS = 32_768
 THINKING_BUDGET_WRAP_UP = (
     "Considering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
 )
+# The context `--ctx auto` grows to at most: the card's 32,768-token output budget plus room for the prompt.
+# Longer contexts (up to NATIVE_CONTEXT) are there for the asking, best with a quantized KV cache.
+DEFAULT_CONTEXT = 40_960

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 EventKind = Literal["thinking", "content", "tool_call", "done"]
@@ -41,3 +42,42 @@ class Event:
     text: str = ""
     tool_call: ToolCall | None = None
     stats: Stats | None = None
+
+
+@dataclass
+class Reply:
+    """A whole generation, collected from its events (non-streaming use)."""
+
+    thinking: str
+    content: str
+    tool_calls: list[ToolCall]
+    stats: Stats
+
+    @classmethod
+    def collect(cls, events: Iterable[Event]) -> Reply:
+        parts: dict[str, list[str]] = {"thinking": [], "content": []}
+        tool_calls: list[ToolCall] = []
+        stats = None
+        for event in events:
+            if event.kind in parts:
+                parts[event.kind].append(event.text)
+            elif event.tool_call is not None:
+                tool_calls.append(event.tool_call)
+            elif event.stats is not None:
+                stats = event.stats
+        if stats is None:
+            raise ValueError("a generation ends with a done event; this stream had none")
+        return cls("".join(parts["thinking"]), "".join(parts["content"]), tool_calls, stats)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The shape `localqwen run --json` prints; scripts depend on it."""
+        return {
+            "thinking": self.thinking,
+            "content": self.content,
+            "tool_calls": [{k: v for k, v in asdict(call).items() if v is not None} for call in self.tool_calls],
+            "finish_reason": self.stats.finish_reason,
+            "truncated_thinking": self.stats.truncated_thinking,
+            "usage": {"prompt_tokens": self.stats.prompt_tokens, "completion_tokens": self.stats.completion_tokens,
+                      "thinking_tokens": self.stats.thinking_tokens},
+            "timings": self.stats.timings,
+        }

@@ -16,7 +16,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,30 +59,6 @@ class ContextOverflow(LocalqwenError):
         self.prompt_tokens, self.n_ctx = prompt_tokens, n_ctx
         super().__init__(f"the prompt is {prompt_tokens} tokens, {prompt_tokens - n_ctx + 1} more than the context of "
                          f"{n_ctx} allows")
-
-
-@dataclass
-class Reply:
-    """A whole generation, collected from its events (non-streaming use)."""
-
-    thinking: str
-    content: str
-    tool_calls: list[Any]
-    stats: Stats
-
-    @classmethod
-    def collect(cls, events: Iterator[Event]) -> Reply:
-        parts: dict[str, list[str]] = {"thinking": [], "content": []}
-        tool_calls, stats = [], None
-        for event in events:
-            if event.kind in parts:
-                parts[event.kind].append(event.text)
-            elif event.kind == "tool_call":
-                tool_calls.append(event.tool_call)
-            else:
-                stats = event.stats
-        assert stats is not None, "every generation ends with a done event"
-        return cls("".join(parts["thinking"]), "".join(parts["content"]), tool_calls, stats)
 
 
 class Model:

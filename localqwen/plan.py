@@ -13,14 +13,12 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import psutil
 
 from localqwen.errors import LocalqwenError
-
-if TYPE_CHECKING:
-    import gguf
+from localqwen.gguf_header import ArrayInfo, GGUFHeader, read_header
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
 # ggml block layout (bytes per block, elements per block), as ggml_row_size() computes it.
@@ -60,32 +58,25 @@ class ModelShape:
         return self.n_ff or 4 * self.n_embd
 
 
-def _field(reader: gguf.GGUFReader, key: str, path: Path, default: int | None = None) -> int | str:
-    field = reader.fields.get(key)
-    if field is None:
-        if default is not None:
-            return default
+def _field(header: GGUFHeader, key: str, path: Path, default: int | None = None) -> Any:
+    value = header.metadata.get(key, default)
+    if value is None:
         raise LocalqwenError(f"not a usable model: GGUF metadata key {key} is missing", path)
-    return field.contents()
+    return value
 
 
 @functools.lru_cache(maxsize=8)
 def _read_shape(path: Path, mtime_ns: int, size: int) -> ModelShape:
-    import gguf  # gguf-py parses the whole header (token lists included): seconds on the real vocabulary
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError) as exc:
-        raise LocalqwenError(f"not a readable GGUF file ({exc})", path) from None
-    arch = str(_field(reader, "general.architecture", path))
-    n_layers = int(_field(reader, f"{arch}.block_count", path))
-    n_embd = int(_field(reader, f"{arch}.embedding_length", path))
-    n_head = int(_field(reader, f"{arch}.attention.head_count", path))
-    head_dim_k = int(_field(reader, f"{arch}.attention.key_length", path, n_embd // max(n_head, 1)))
-    tensors = {t.name: t for t in reader.tensors}
+    header = read_header(path)
+    arch = str(_field(header, "general.architecture", path))
+    n_layers = int(_field(header, f"{arch}.block_count", path))
+    n_embd = int(_field(header, f"{arch}.embedding_length", path))
+    n_head = int(_field(header, f"{arch}.attention.head_count", path))
+    head_dim_k = int(_field(header, f"{arch}.attention.key_length", path, n_embd // max(n_head, 1)))
+    tensors = header.tensors
     if "token_embd.weight" not in tensors:
         raise LocalqwenError("not a usable model: tensor token_embd.weight is missing", path)
-    sizes = {name: int(t.n_bytes) for name, t in tensors.items()}
+    sizes = {name: t.n_bytes for name, t in tensors.items()}
     layer_bytes = [0] * n_layers
     for name, nbytes in sizes.items():
         if name.startswith("blk."):
@@ -99,15 +90,15 @@ def _read_shape(path: Path, mtime_ns: int, size: int) -> ModelShape:
     # create_tensor(..., TENSOR_DUPLICATED): a tied model gets `output` as a copy of token_embd. It shares the mapped
     # file only while both stay in the plain CPU buffer; AMX/repack buffers and GPUs hold a real second copy.
     head = head_in_file + (0 if "output.weight" in sizes else sizes["token_embd.weight"])
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
     return ModelShape(
         n_layers=n_layers, n_embd=n_embd, n_head=n_head,
-        n_head_kv=int(_field(reader, f"{arch}.attention.head_count_kv", path, n_head)),
-        head_dim_k=head_dim_k, head_dim_v=int(_field(reader, f"{arch}.attention.value_length", path, head_dim_k)),
-        n_vocab=len(tokens.data) if tokens is not None else int(tensors["token_embd.weight"].shape[1]),
-        n_ctx_train=int(_field(reader, f"{arch}.context_length", path)),
+        n_head_kv=int(_field(header, f"{arch}.attention.head_count_kv", path, n_head)),
+        head_dim_k=head_dim_k, head_dim_v=int(_field(header, f"{arch}.attention.value_length", path, head_dim_k)),
+        n_vocab=tokens.count if isinstance(tokens, ArrayInfo) else int(tensors["token_embd.weight"].shape[1]),
+        n_ctx_train=int(_field(header, f"{arch}.context_length", path)),
         weight_bytes=weight_bytes, layer_bytes=layer_bytes, other_bytes=other,
-        n_ff=int(_field(reader, f"{arch}.feed_forward_length", path, 0)),
+        n_ff=int(_field(header, f"{arch}.feed_forward_length", path, 0)),
         embd_bytes=other - head_in_file, head_bytes=head,
     )
 

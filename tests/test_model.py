@@ -10,8 +10,8 @@ import pytest
 from localqwen.constants import IM_END_ID, IM_START_ID, THINKING_BUDGET_WRAP_UP
 from localqwen.convert import convert
 from localqwen.errors import LocalqwenError
-from localqwen.events import Event
-from localqwen.model import ContextOverflow, Model, ModelBusy, Reply
+from localqwen.events import Event, Reply
+from localqwen.model import ContextOverflow, Model, ModelBusy
 from localqwen.sampling import Sampling
 from localqwen.synthetic import script_chain, write_chain_checkpoint
 

@@ -148,7 +148,7 @@ def test_read_shape_errors(tmp_path: Path) -> None:
     with pytest.raises(LocalqwenError, match="cannot read"):
         read_shape(tmp_path / "missing.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
-    with pytest.raises(LocalqwenError, match="not a readable GGUF"):
+    with pytest.raises(LocalqwenError, match="not a GGUF file"):
         read_shape(tmp_path / "junk.gguf")
     writer = gguf.GGUFWriter(tmp_path / "partial.gguf", "qwen3")
     writer.add_embedding_length(256)

@@ -1,0 +1,194 @@
+"""A strict, bounded reader for GGUF headers: metadata and tensor infos, checked before llama.cpp sees the file.
+
+llama.cpp's C loader aborts the process on some malformed files, and gguf-py's reader trusts declared lengths
+(and parses the whole vocabulary in Python: seconds). This reader checks every count, length, type, offset and
+size against the file and fixed limits, skips over big arrays without decoding them, and raises LocalqwenError.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from localqwen.errors import LocalqwenError
+
+MAX_COUNT = 1 << 20  # tensors, metadata entries
+MAX_ARRAY = 1 << 24  # elements in one metadata array
+MAX_STRING = 1 << 24  # bytes in one string (chat templates are kilobytes)
+MAX_DIMS = 4
+KEEP_ARRAY = 64  # arrays up to this length are decoded; longer ones are summarised as ArrayInfo
+SCALARS = {
+    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
+    gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
+    gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
+}
+
+
+U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """A metadata array too long to be worth decoding (token lists, merges): its element type and length."""
+
+    item_type: gguf.GGUFValueType
+    count: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: ne0 (the row length) first
+    type: gguf.GGMLQuantizationType
+    offset: int  # from the start of the data section
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    data_offset: int
+    file_size: int
+
+
+class _Cursor:
+    def __init__(self, buf: mmap.mmap, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def fail(self, message: str) -> LocalqwenError:
+        return LocalqwenError(f"not a valid GGUF file: {message} (at byte {self.pos})", self.path)
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise self.fail("truncated")
+        data = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return data
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def count(self, limit: int, what: str) -> int:
+        n = self.unpack("<Q")
+        if n > limit:
+            raise self.fail(f"{what} {n} exceeds the limit of {limit}")
+        return n
+
+    def string(self) -> str:
+        raw = self.take(self.count(MAX_STRING, "string length"))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail("a string is not valid UTF-8") from None
+
+    def value_type(self) -> gguf.GGUFValueType:
+        code = self.unpack("<I")
+        try:
+            return gguf.GGUFValueType(code)
+        except ValueError:
+            raise self.fail(f"unknown metadata value type {code}") from None
+
+    def value(self, kind: gguf.GGUFValueType, *, nested: bool = False) -> Any:
+        if kind in SCALARS:
+            return self.unpack(SCALARS[kind])
+        if kind == gguf.GGUFValueType.STRING:
+            return self.string()
+        if nested:
+            raise self.fail("arrays of arrays are not supported")
+        item = self.value_type()
+        n = self.count(MAX_ARRAY, "array length")
+        if n <= KEEP_ARRAY:
+            return [self.value(item, nested=True) for _ in range(n)]
+        if item in SCALARS:
+            self.take(n * struct.calcsize(SCALARS[item]))
+        elif item == gguf.GGUFValueType.STRING:
+            self.skip_strings(n)
+        else:
+            raise self.fail("arrays of arrays are not supported")
+        return ArrayInfo(item, n)
+
+    def skip_strings(self, n: int) -> None:
+        """Step over n strings (a vocabulary: 150k of them) with bounds checks, without decoding them."""
+        pos, size, length_at = self.pos, len(self.buf), U64.unpack_from
+        for _ in range(n):
+            if pos + 8 > size:
+                raise self.fail("truncated")
+            length = length_at(self.buf, pos)[0]
+            if length > MAX_STRING:
+                raise self.fail(f"string length {length} exceeds the limit of {MAX_STRING}")
+            pos += 8 + length
+        if pos > size:
+            raise self.fail("truncated")
+        self.pos = pos
+
+
+def _tensor_info(cur: _Cursor) -> TensorInfo:
+    name = cur.string()
+    n_dims = cur.unpack("<I")
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise cur.fail(f"tensor {name} has {n_dims} dimensions")
+    shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
+    code = cur.unpack("<I")
+    try:
+        kind = gguf.GGMLQuantizationType(code)
+        block, type_size = gguf.GGML_QUANT_SIZES[kind]
+    except (ValueError, KeyError):
+        raise cur.fail(f"tensor {name} has unknown type {code}") from None
+    if shape[0] % block:
+        raise cur.fail(f"tensor {name}: row length {shape[0]} is not a multiple of {kind.name}'s block of {block}")
+    n_elements = math.prod(shape)
+    if n_elements > len(cur.buf) * block:  # cannot fit in the file whatever the data offset: also stops overflows
+        raise cur.fail(f"tensor {name} declares {n_elements} elements, more than the file can hold")
+    return TensorInfo(name, shape, kind, cur.unpack("<Q"), n_elements // block * type_size)
+
+
+def read_header(path: Path | str) -> GGUFHeader:
+    """Parse and check a GGUF header; raises LocalqwenError naming the file and the problem."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, 2) < 24:
+                raise LocalqwenError("not a GGUF file (too short)", path)
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as exc:
+        raise LocalqwenError(exc.strerror or str(exc), path) from None
+    with buf:
+        cur = _Cursor(buf, path)
+        if cur.take(4) != b"GGUF":
+            raise LocalqwenError("not a GGUF file (bad magic)", path)
+        version = cur.unpack("<I")
+        if version not in (2, 3):
+            raise cur.fail(f"unsupported version {version}")
+        n_tensors = cur.count(MAX_COUNT, "tensor count")
+        n_kv = cur.count(MAX_COUNT, "metadata count")
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            if key in metadata:
+                raise cur.fail(f"duplicate metadata key {key}")
+            metadata[key] = cur.value(cur.value_type())
+        tensors: dict[str, TensorInfo] = {}
+        for _ in range(n_tensors):
+            info = _tensor_info(cur)
+            if info.name in tensors:
+                raise cur.fail(f"duplicate tensor {info.name}")
+            tensors[info.name] = info
+        alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise cur.fail(f"general.alignment {alignment!r} is not a power of two")
+        data_offset = -(-cur.pos // alignment) * alignment
+        file_size = len(buf)
+    for info in tensors.values():
+        if info.offset % alignment or data_offset + info.offset + info.n_bytes > file_size:
+            raise LocalqwenError(f"not a valid GGUF file: tensor {info.name} lies outside the file or is misaligned "
+                                 "(truncated download?)", path)
+    return GGUFHeader(version, metadata, tensors, data_offset, file_size)
