@@ -145,6 +145,35 @@ def run_command(model: Any, prompt: str | None, system: str | None, max_tokens: 
                 click.secho(f"[stopped at the token limit{where}]", err=True, dim=True)
 
 
+@cli.command("chat")
+@with_model
+@sampling_options
+@click.option("--hide-thinking", is_flag=True, help="Show only a one-line summary of the thinking.")
+@click.option("--verbose", is_flag=True, help="Print timing stats after each reply.")
+def chat_command(model: Any, system: str | None, max_tokens: int | None, thinking_budget: int | None,
+                 hide_thinking: bool, verbose: bool, **sampling: Any) -> None:
+    """Chat in the terminal: thinking shown apart, /help for commands, Ctrl+D or /bye to leave."""
+    from localqwen.chat import ChatSettings, chat_repl
+
+    chat_repl(model, ChatSettings(system=system, hide_thinking=hide_thinking, verbose=verbose, max_tokens=max_tokens,
+                                  thinking_budget=thinking_budget,
+                                  sampling={k: v for k, v in sampling.items() if v is not None}))
+
+
+@cli.command("serve")
+@with_model
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="LOCALQWEN_API_KEY", help="Require this bearer key (env LOCALQWEN_API_KEY).")
+@click.option("--reasoning-format", type=click.Choice(["deepseek", "none"]), default="deepseek", show_default=True,
+              help="deepseek: thinking in reasoning_content; none: <think>...</think> left in content.")
+def serve_command(model: Any, host: str, port: int, api_key: str | None, reasoning_format: str) -> None:
+    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from localqwen.server import serve
+
+    serve(model, host=host, port=port, api_key=api_key, reasoning_format=reasoning_format)
+
+
 def main() -> None:
     # SIGTERM unwinds like Ctrl+C, so temporary files are removed on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -26,6 +26,7 @@ class Stats:
 
     finish_reason: FinishReason
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV cache was reused from the previous generation
     thinking_tokens: int = 0
     content_tokens: int = 0
     truncated_thinking: bool = False  # generation ended before `</think>`: all thinking, no answer

@@ -33,6 +33,7 @@ from localqwen.parser import StreamParser
 from localqwen.plan import (
     KV_TYPES,
     MemoryPlan,
+    auto_gpu_layers,
     available_memory,
     largest_context,
     plan_memory,
@@ -96,18 +97,24 @@ class Model:
         shape = read_shape(path)
         flash = kv_type != "f16" if flash_attn is None else flash_attn  # a quantized V cache needs flash attention
         ram, vram = available_memory()
-        offload = gpu_offload_supported() and vram is not None
-        layers = (shape.n_layers + 1 if offload else 0) if gpu_layers == "auto" else int(gpu_layers)
+        offload = gpu_offload_supported() and bool(vram)
+        all_layers = shape.n_layers + 1  # llama.cpp counts the output layer as one more
+        layers = (all_layers if offload else 0) if gpu_layers == "auto" else int(gpu_layers)
         limit = min(max_ctx or shape.n_ctx_train, shape.n_ctx_train)
         if n_ctx == "auto":
-            budget = (vram if offload and vram else ram)
+            budget = vram if offload and vram else ram
             budget -= max(MIN_MEMORY_MARGIN, int(budget * MEMORY_MARGIN))
             n_ctx = largest_context(shape, budget, kv_type=kv_type, flash_attn=flash, gpu_layers=layers, limit=limit)
             if n_ctx == 0:
                 raise LocalqwenError("not enough free memory for even a small context", path)
         elif not isinstance(n_ctx, int) or not 0 < n_ctx <= shape.n_ctx_train:
             raise LocalqwenError(f"context {n_ctx} must be between 1 and {shape.n_ctx_train}")
+        if gpu_layers == "auto" and offload and vram:
+            layers = auto_gpu_layers(shape, vram, n_ctx, kv_type, flash)  # what does not fit stays on the CPU
         plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash, gpu_layers=layers)
+        if plan.total_cpu > ram:
+            raise LocalqwenError(f"a context of {n_ctx} tokens needs {plan.total_cpu / 2**30:.1f} GiB of memory, "
+                                 f"{ram / 2**30:.1f} GiB is free: lower --ctx or use --kv-cache q8_0/q4_0", path)
         started = time.perf_counter()
         try:
             llama = open_llama(
@@ -193,6 +200,8 @@ class Model:
                     tool_calls += event.kind == "tool_call"
                     yield event
 
+            # llama.cpp keeps the KV cache of the longest common prefix with the previous generation (earlier turns).
+            stats.cached_prompt_tokens = min(common_prefix(self.llama.input_ids, tokens), len(tokens) - 1)
             started = time.perf_counter()
             first_token_at: float | None = None
             self.llama.set_seed(options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little"))
@@ -244,8 +253,8 @@ class Model:
             stats.truncated_thinking = parser.in_thinking
             if stats.finish_reason == "stop" and tool_calls:
                 stats.finish_reason = "tool_calls"
-            stats.timings = timings(self.load_s, started, first_token_at, time.perf_counter(), stats.prompt_tokens,
-                                    stats.completion_tokens)
+            stats.timings = timings(self.load_s, started, first_token_at, time.perf_counter(),
+                                    stats.prompt_tokens - stats.cached_prompt_tokens, stats.completion_tokens)
             yield Event("done", stats=stats)
 
 
@@ -256,10 +265,15 @@ def timings(load_s: float, started: float, first: float | None, finished: float,
     return {
         "load_s": round(load_s, 4),
         "prompt_eval_s": round(first - started, 4),  # time to first token: prompt evaluation plus one sample
-        "prompt_tokens_per_s": round(prompt / (first - started), 2) if first > started else 0.0,
+        "prompt_tokens_per_s": round(prompt / (first - started), 2) if first > started else 0.0,  # uncached ones
         "generation_s": round(decode_s, 4),
         "tokens_per_s": round((generated - 1) / decode_s, 2) if generated > 1 and decode_s > 0 else 0.0,
     }
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def default_threads() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,35 @@ def test_seeded_sampling_is_reproducible(gguf_files: dict[str, Path]) -> None:
         assert len({sample(s) for s in (1, 2, 3)} | {first}) > 1
     finally:
         model.close()
+
+
+def test_cancel_from_another_thread(scripted: tuple[Model, list[int]]) -> None:
+    model, _ = scripted
+    first = threading.Event()
+    events: list[Event] = []
+
+    def consume() -> None:
+        for event in model.chat(HI, **GREEDY):
+            events.append(event)
+            first.set()
+            time.sleep(0.05)  # a slow reader: generation advances only as events are taken
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert first.wait(60)
+    model.cancel()
+    reader.join(60)
+    assert events[-1].kind == "done" and events[-1].stats.finish_reason == "cancelled"
+    assert "".join(e.text for e in events if e.kind == "content") != ANSWER
+
+
+def test_next_turn_reuses_the_cached_prefix(scripted: tuple[Model, list[int]]) -> None:
+    model, _ = scripted
+    first = run(model)
+    history = [*HI, {"role": "assistant", "content": first.content, "reasoning_content": first.thinking},
+               {"role": "user", "content": "And then?"}]
+    second = run(model, messages=history)
+    prompt = model.tokenize_chat(history)
+    # Everything before the first reply's thinking is shared: the template drops earlier reasoning.
+    assert second.stats.cached_prompt_tokens == len(model.tokenize_chat(HI)) - 2  # minus "<think>\n"
+    assert second.stats.prompt_tokens == len(prompt) and second.content == ANSWER
