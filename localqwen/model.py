@@ -186,76 +186,91 @@ class Model:
         finally:
             self._lock.release()
 
+    def _sample(self, tokens: list[int], options: Sampling) -> Iterator[int]:
+        """llama.cpp's sampled tokens after `tokens` (which grows as the caller appends); closed when abandoned."""
+        stream = self.llama.generate(tokens, temp=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                                     min_p=options.min_p, presence_penalty=options.presence_penalty,
+                                     repeat_penalty=1.0)
+        try:
+            yield from stream
+        finally:
+            stream.close()
+
     def _run(self, tokens: list[int], limit: int, budget: int, thinking: bool, options: Sampling,
              wait: float | None) -> Iterator[Event]:
         with self._exclusive(wait):
-            stats = Stats(finish_reason="stop", prompt_tokens=len(tokens))
-            parser = StreamParser(thinking=thinking)
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            tool_calls = 0
-
-            def emit(text: str) -> Iterator[Event]:
-                nonlocal tool_calls
-                for event in parser.feed(text):
-                    tool_calls += event.kind == "tool_call"
-                    yield event
-
+            out = _Output(Stats(finish_reason="stop", prompt_tokens=len(tokens)), thinking)
             # llama.cpp keeps the KV cache of the longest common prefix with the previous generation (earlier turns).
-            stats.cached_prompt_tokens = min(common_prefix(self.llama.input_ids, tokens), len(tokens) - 1)
-            started = time.perf_counter()
-            first_token_at: float | None = None
+            out.stats.cached_prompt_tokens = min(common_prefix(self.llama.input_ids, tokens), len(tokens) - 1)
+            started, first_token_at = time.perf_counter(), None
             self.llama.set_seed(options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little"))
-            pending: list[int] = []  # forced tokens (end of thinking) that go in before sampling resumes
-            while True:
-                if stats.completion_tokens >= limit:
-                    stats.finish_reason = "length"
+            sampling = True
+            while sampling:
+                if out.stats.completion_tokens >= limit:
+                    out.stats.finish_reason = "length"
                     break
-                if parser.in_thinking and stats.thinking_tokens >= budget:
+                if out.parser.in_thinking and out.stats.thinking_tokens >= budget:
                     # Thinking budget spent: close the thinking, then let the model answer.
-                    yield from emit(self.wrap_up_text)
-                    pending = list(self.wrap_up_ids)
-                    stats.thinking_tokens += len(pending)
-                resume = False
-                stream = self.llama.generate(tokens + pending, temp=options.temperature, top_p=options.top_p,
-                                             top_k=options.top_k, min_p=options.min_p,
-                                             presence_penalty=options.presence_penalty, repeat_penalty=1.0)
-                tokens += pending
-                pending = []
-                try:
-                    for token in stream:
-                        first_token_at = first_token_at or time.perf_counter()
-                        if self._cancel.is_set():
-                            stats.finish_reason = "cancelled"
-                            break
-                        if token in self.end_ids:
-                            break
-                        tokens.append(token)
-                        was_thinking = parser.in_thinking
-                        yield from emit(decoder.decode(self.llama.detokenize([token])))
-                        if was_thinking:
-                            stats.thinking_tokens += 1
-                        else:
-                            stats.content_tokens += 1
-                        # The budget takes effect between characters, never inside a multi-byte one.
-                        mid_character = bool(decoder.getstate()[0])
-                        over_budget = parser.in_thinking and stats.thinking_tokens >= budget and not mid_character
-                        if stats.completion_tokens >= limit or over_budget:
-                            resume = True
-                            break
-                finally:
-                    stream.close()
-                if not resume:
-                    break
-            yield from emit(decoder.decode(b"", final=True))
-            for event in parser.finish():
-                tool_calls += event.kind == "tool_call"
-                yield event
-            stats.truncated_thinking = parser.in_thinking
-            if stats.finish_reason == "stop" and tool_calls:
-                stats.finish_reason = "tool_calls"
-            stats.timings = timings(self.load_s, started, first_token_at, time.perf_counter(),
-                                    stats.prompt_tokens - stats.cached_prompt_tokens, stats.completion_tokens)
-            yield Event("done", stats=stats)
+                    yield from out.forced(self.wrap_up_text, len(self.wrap_up_ids))
+                    tokens += self.wrap_up_ids
+                sampling = False
+                for token in self._sample(list(tokens), options):
+                    first_token_at = first_token_at or time.perf_counter()
+                    if self._cancel.is_set():
+                        out.stats.finish_reason = "cancelled"
+                        break
+                    if token in self.end_ids:
+                        break
+                    tokens.append(token)
+                    yield from out.token(self.llama.detokenize([token]))
+                    # The budget takes effect between characters, never inside a multi-byte one.
+                    over_budget = out.parser.in_thinking and out.stats.thinking_tokens >= budget and out.between_chars
+                    if out.stats.completion_tokens >= limit or over_budget:
+                        sampling = True  # back to the top: stop at the limit, or wrap up the thinking and go on
+                        break
+            yield from out.finish()
+            out.stats.timings = timings(self.load_s, started, first_token_at, time.perf_counter(),
+                                        out.stats.prompt_tokens - out.stats.cached_prompt_tokens,
+                                        out.stats.completion_tokens)
+            yield Event("done", stats=out.stats)
+
+
+class _Output:
+    """The output side of one generation: bytes to text, text to events, and the token counts."""
+
+    def __init__(self, stats: Stats, thinking: bool) -> None:
+        self.stats = stats
+        self.parser = StreamParser(thinking=thinking)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.tool_calls = 0
+
+    @property
+    def between_chars(self) -> bool:
+        return not self.decoder.getstate()[0]
+
+    def token(self, piece: bytes) -> list[Event]:
+        """One sampled token: counted as thinking if it arrived while thinking (`</think>` itself included)."""
+        if self.parser.in_thinking:
+            self.stats.thinking_tokens += 1
+        else:
+            self.stats.content_tokens += 1
+        return self._events(self.parser.feed(self.decoder.decode(piece)))
+
+    def forced(self, text: str, n_tokens: int) -> list[Event]:
+        """Text we put in the model's mouth (the thinking wrap-up): shown, and counted as thinking."""
+        self.stats.thinking_tokens += n_tokens
+        return self._events(self.parser.feed(text))
+
+    def finish(self) -> list[Event]:
+        events = self._events(self.parser.feed(self.decoder.decode(b"", final=True)) + self.parser.finish())
+        self.stats.truncated_thinking = self.parser.in_thinking
+        if self.stats.finish_reason == "stop" and self.tool_calls:
+            self.stats.finish_reason = "tool_calls"
+        return events
+
+    def _events(self, events: list[Event]) -> list[Event]:
+        self.tool_calls += sum(e.kind == "tool_call" for e in events)
+        return events
 
 
 def timings(load_s: float, started: float, first: float | None, finished: float, prompt: int, generated: int,
