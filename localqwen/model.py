@@ -29,6 +29,8 @@ from localqwen.constants import (
 )
 from localqwen.errors import LocalqwenError
 from localqwen.events import Event, Stats
+from localqwen.gguf_header import read_header
+from localqwen.modelcheck import check_model
 from localqwen.parser import StreamParser
 from localqwen.plan import (
     KV_TYPES,
@@ -94,6 +96,7 @@ class Model:
             raise LocalqwenError("model file not found", path)
         if kv_type not in KV_TYPES:
             raise LocalqwenError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
+        check_model(read_header(path), path)  # llama.cpp aborts the process on some bad files: refuse them first
         shape = read_shape(path)
         flash = kv_type != "f16" if flash_attn is None else flash_attn  # a quantized V cache needs flash attention
         ram, vram = available_memory()
