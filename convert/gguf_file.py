@@ -20,7 +20,7 @@ from gguf.utility import LocalTensor
 from localqwen.constants import GGUF_ARCH
 from localqwen.errors import LocalqwenError
 
-from .checkpoint import SAFETENSORS_DTYPE_SIZES, Checkpoint
+from .checkpoint import SAFETENSORS_DTYPE_SIZES, Checkpoint, read_json
 from .vocab import add_tokenizer
 
 # Output types gguf-py writes itself; everything else goes through llama.cpp's quantizer (quantize.py).
@@ -105,6 +105,10 @@ class FloatGGUF:
         self.metadata = gguf.Metadata.load(None, checkpoint.folder, model_name, total)
         if self.metadata.name is None:
             self.metadata.name = checkpoint.folder.name
+        generation_config = checkpoint.folder / "generation_config.json"
+        if self.metadata.sampling_penalty_repeat is None and generation_config.is_file():
+            # As llama.cpp's own gguf-py (newer than the 0.19.0 release) does: HF calls it repetition_penalty.
+            self.metadata.sampling_penalty_repeat = read_json(generation_config).get("repetition_penalty")
         if self.metadata.size_label is None and total > 0:
             self.metadata.size_label = gguf.size_label(total, shared, expert, expert_count)
         self.source_bytes = sum(t.source.data_range.size for t in self.tensors)

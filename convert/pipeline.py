@@ -8,14 +8,12 @@ under its final name only when complete; nothing partial survives an error or Ct
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from localqwen.constants import DEFAULT_REPO
 from localqwen.errors import LocalqwenError
-from localqwen.fileio import atomic_output, check_writable_target, disk_error
+from localqwen.fileio import atomic_output, check_writable_target, disk_error, temporary_beside
 from localqwen.progress import Bars, progress_bars
 
 from .checkpoint import Checkpoint, load_checkpoint
@@ -65,12 +63,11 @@ def intermediate_type(checkpoint: Checkpoint) -> str:
 @contextlib.contextmanager
 def scratch_file(folder: Path, name: str) -> Iterator[Path]:
     """A temporary file beside the outputs (same disk: quantizing reads it back), always removed."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".partial")
-    os.close(fd)
+    tmp = temporary_beside(folder / name)
     try:
-        yield Path(tmp)
+        yield tmp
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def convert(source: str = DEFAULT_REPO, quants: Sequence[str] = (DEFAULT_QUANT,), *, outdir: Path | None = None,

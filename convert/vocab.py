@@ -9,6 +9,7 @@ Merges, special token ids and the chat template come from gguf-py's SpecialVocab
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gguf
 
@@ -35,9 +36,8 @@ def pretokenizer_regexes(tokenizer: dict) -> list[str]:
             if step.get("type") == "Split" and isinstance(step.get("pattern"), dict) and "Regex" in step["pattern"]]
 
 
-def read_vocab(checkpoint: Checkpoint) -> tuple[list[str], list[gguf.TokenType]]:
+def read_vocab(checkpoint: Checkpoint, tokenizer: Any) -> tuple[list[str], list[gguf.TokenType]]:
     path = checkpoint.folder / "tokenizer.json"
-    tokenizer = read_json(path)
     model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise LocalqwenError("not a byte-level BPE tokenizer (expected Qwen's)", path)
@@ -63,12 +63,19 @@ def read_vocab(checkpoint: Checkpoint) -> tuple[list[str], list[gguf.TokenType]]
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> None:
-    tokens, types = read_vocab(checkpoint)
+    tokenizer = read_json(checkpoint.folder / "tokenizer.json")
+    tokens, types = read_vocab(checkpoint, tokenizer)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(QWEN2_PRE)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(Path(checkpoint.folder), load_merges=True)
+    # llama.cpp's own gguf-py (newer than the 0.19.0 release) says a ByteLevel post-processor adds neither BOS nor
+    # EOS, so its converter writes add_bos_token and add_eos_token = false; do the same.
+    post = tokenizer.get("post_processor") or {}
+    if any(p.get("type") == "ByteLevel" for p in post.get("processors", [post])):
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
     if not special.merges:
         raise LocalqwenError("holds no BPE merges", checkpoint.folder / "tokenizer.json")
     if not special.chat_template:

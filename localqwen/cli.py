@@ -15,6 +15,7 @@ import click
 from localqwen.constants import DEFAULT_CONTEXT, DEFAULT_REPO
 from localqwen.convert import DEFAULT_QUANT, OUTPUT_TYPES, convert
 from localqwen.plan import KV_TYPES
+from localqwen.store_cli import register as register_store_commands
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +55,8 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """-m and the options that shape how a model is loaded, shared by run, chat and serve."""
     options = [
         click.option("-m", "--model", "model_spec", metavar="MODEL",
-                     help="A GGUF file or a model in the store (default: the store's Q4_K_M)."),
+                     help="A GGUF file, a model in the store (`localqwen models`) or a quant of the default model "
+                          "(q8_0); default: the store's Q4_K_M."),
         click.option("--ctx", "n_ctx", default="auto", show_default=True, metavar="N|auto",
                      help=f"Context in tokens; auto: the largest that fits free memory, at most {DEFAULT_CONTEXT}."),
         click.option("--kv-cache", "kv_type", type=click.Choice(KV_TYPES), default="f16", show_default=True,
@@ -87,11 +89,13 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def load_model(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, gpu_layers: str,
                threads: int | None) -> Any:
     from localqwen.model import Model
-    from localqwen.store import resolve_model
+    from localqwen.store import ensure_default_model, resolve_model
 
     layers = gpu_layers if gpu_layers == "auto" else int(gpu_layers)
     ctx = context_size(n_ctx)
-    return Model.load(resolve_model(model_spec), n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn,
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    path = resolve_model(model_spec) if model_spec else ensure_default_model(interactive)
+    return Model.load(path, n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn,
                       gpu_layers=layers, threads=threads, max_ctx=DEFAULT_CONTEXT if ctx == "auto" else None)
 
 
@@ -172,6 +176,9 @@ def serve_command(model: Any, host: str, port: int, api_key: str | None, reasoni
     from localqwen.server import serve
 
     serve(model, host=host, port=port, api_key=api_key, reasoning_format=reasoning_format)
+
+
+register_store_commands(cli)
 
 
 def main() -> None:

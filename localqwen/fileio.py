@@ -26,9 +26,7 @@ def check_writable_target(path: Path, *, force: bool) -> None:
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place on success, delete it on any failure or Ctrl+C."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temporary_beside(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -36,6 +34,16 @@ def atomic_output(path: Path) -> Iterator[Path]:
         raise disk_error(exc, path) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_beside(path: Path) -> Path:
+    """A new empty file next to `path` (same disk, so the final rename is atomic), with the usual permissions."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes files private (0600); outputs are ordinary files
+    os.close(fd)
+    return Path(name)
 
 
 def disk_error(exc: OSError, path: Path) -> LocalqwenError:

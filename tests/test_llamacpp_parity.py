@@ -4,8 +4,10 @@ The reference is the converter vendored in the llama-cpp-python sdist of the ins
 quantizes and runs our files), fetched from PyPI once and cached in pytest's cache. It needs torch + transformers +
 sentencepiece, which localqwen does not: it runs under the interpreter named by $LOCALQWEN_REFERENCE_PYTHON, e.g.
 
-    python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install torch==2.13.0 transformers==4.57.6 sentencepiece
-    LOCALQWEN_REFERENCE_PYTHON=/tmp/refvenv/bin/python .venv/bin/python -m pytest -m reference tests/test_llamacpp_parity.py
+    python3 -m venv /tmp/refvenv
+    /tmp/refvenv/bin/pip install torch==2.13.0 transformers==4.57.6 sentencepiece 'numpy~=2.2.6'
+    LOCALQWEN_REFERENCE_PYTHON=/tmp/refvenv/bin/python .venv/bin/python -m pytest -m reference \
+        tests/test_llamacpp_parity.py
 
 Both converters read the same synthetic checkpoint folder. Compared: every key-value (name, type, value; arrays
 element by element), every tensor (name, shape, type, raw data), key and tensor order, the default file name and
@@ -95,7 +97,18 @@ def _pytest_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture(scope="session")
-def llama_cpp_converter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference_python() -> str:
+    """$LOCALQWEN_REFERENCE_PYTHON, checked before anything is downloaded."""
+    python = os.environ.get(REFERENCE_ENV)
+    if not python:
+        pytest.skip(f"set {REFERENCE_ENV} to a Python with torch, transformers and sentencepiece to compare with "
+                    f"llama.cpp's convert_hf_to_gguf.py (see this module's docstring)")
+    return python
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                        reference_python: str) -> Path:
     """vendor/llama.cpp of the llama-cpp-python sdist (converter, conversion/, gguf-py/), extracted once."""
     version = LLAMA_CPP_PYTHON_VERSION
     root = _pytest_cache(request, tmp_path_factory, f"llama-cpp-python-{version}-converter")
@@ -104,7 +117,7 @@ def llama_cpp_converter(request: pytest.FixtureRequest, tmp_path_factory: pytest
         return tree
     download = tmp_path_factory.mktemp("sdist")
     pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                          f"llama-cpp-python=={version}", "-d", str(download)],
+                          "--retries", "2", f"llama-cpp-python=={version}", "-d", str(download)],
                          capture_output=True, text=True, timeout=900)
     archives = sorted(download.glob("llama_cpp_python-*.tar.gz"))
     if pip.returncode != 0 or not archives:
@@ -136,25 +149,23 @@ def _reference_env(converter: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def reference_python(llama_cpp_converter: Path) -> str:
-    python = os.environ.get(REFERENCE_ENV)
-    if not python:
-        pytest.skip(f"set {REFERENCE_ENV} to a Python with torch, transformers and sentencepiece to compare with "
-                    f"llama.cpp's convert_hf_to_gguf.py (see this module's docstring)")
-    probe = subprocess.run(
-        [python, "-c", "import gguf, sentencepiece, torch, transformers; "
-                       "print(gguf.__file__, torch.__version__, transformers.__version__)"],
-        capture_output=True, text=True, env=_reference_env(llama_cpp_converter), timeout=300)
+def check_reference(python: str, converter: Path) -> None:
+    """The reference interpreter imports what the converter needs, and gguf from the sdist's gguf-py."""
+    try:
+        probe = subprocess.run(
+            [python, "-c", "import gguf, sentencepiece, torch, transformers; "
+                           "print(gguf.__file__, torch.__version__, transformers.__version__)"],
+            capture_output=True, text=True, env=_reference_env(converter), timeout=300)
+    except OSError as exc:
+        pytest.fail(f"{REFERENCE_ENV}={python} cannot be run: {exc}")
     if probe.returncode != 0:
         pytest.fail(f"{REFERENCE_ENV}={python} cannot run llama.cpp's converter: "
                     f"{(probe.stderr.strip() or 'no output').splitlines()[-1]}")
     gguf_file, *versions = probe.stdout.split()
-    assert Path(gguf_file).resolve().is_relative_to((llama_cpp_converter / "gguf-py").resolve()), \
+    assert Path(gguf_file).resolve().is_relative_to((converter / "gguf-py").resolve()), \
         f"the reference converter would use gguf from {gguf_file}, not the sdist's gguf-py"
     print(f"reference: llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist, torch {versions[0]}, "
           f"transformers {versions[1]}")
-    return python
 
 
 # --- checkpoints and conversions -------------------------------------------------------------------------------
@@ -175,13 +186,16 @@ def make_checkpoint(root: Path, kind: str) -> Path:
     return folder
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Snapshot:
     """What GGUFReader sees in a file (parsed once: reading the 151,936-token vocabulary takes seconds)."""
 
     path: Path
     fields: dict[str, tuple[list[gguf.GGUFValueType], Any]]
     tensors: list[gguf.ReaderTensor]
+
+    def __repr__(self) -> str:  # keeps pytest's failure reports short
+        return f"Snapshot({self.path.parent.name}/{self.path.name})"
 
     @classmethod
     def read(cls, path: Path) -> Snapshot:
@@ -242,6 +256,7 @@ class Conversions:
 @pytest.fixture(scope="module")
 def conversions(tmp_path_factory: pytest.TempPathFactory, llama_cpp_converter: Path,
                 reference_python: str) -> Conversions:
+    check_reference(reference_python, llama_cpp_converter)
     return Conversions(tmp_path_factory.mktemp("parity"), llama_cpp_converter, reference_python)
 
 
@@ -330,8 +345,9 @@ def test_layout_and_name_match(pair: tuple[Snapshot, Snapshot]) -> None:
 def test_files_are_identical(pair: tuple[Snapshot, Snapshot]) -> None:
     """The sum of the above: byte for byte what llama.cpp writes (the tests above say where a difference is)."""
     ours, theirs = pair
-    assert filecmp.cmp(ours.path, theirs.path, shallow=False), \
-        f"{ours.path.name} ({ours.path.stat().st_size} bytes) differs from llama.cpp's ({theirs.path.stat().st_size})"
+    same = filecmp.cmp(ours.path, theirs.path, shallow=False)
+    assert same, f"{ours.path.name} ({ours.path.stat().st_size} bytes) differs from llama.cpp's " \
+                 f"({theirs.path.stat().st_size} bytes)"
 
 
 @pytest.mark.parametrize("quant", QUANTS)

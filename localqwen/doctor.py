@@ -1,0 +1,215 @@
+"""What this install can do (`doctor`), what a model file holds (`info`) and what fits in this machine (`plan`).
+
+The doctor's self-test needs no download: it writes a tiny Qwen3 checkpoint whose greedy output is known token by
+token (a chain model, see synthetic.py), converts and quantizes it, loads it through llama.cpp and checks the
+generated thinking and answer exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from localqwen.errors import LocalqwenError
+
+SELF_TEST_QUANT = "q4_k_m"
+# Each piece is one token of the Qwen3 vocabulary and none repeats: a chain model says each token once.
+SELF_TEST_THINKING = ("The", " user", " says", " hello", ";", " reply", " kindly", ".")
+SELF_TEST_ANSWER = ("Hello", "!", " This", " install", " works")
+SELF_TEST_WIDTH = 256  # rows of 256: llama.cpp's K-quants apply for real (QK_K = 256), no fallback types
+
+
+# --- info --------------------------------------------------------------------------------------------------------
+
+def _tensor_kind(name: str) -> str:
+    """blk.7.attn_v.weight -> attn_v; token_embd.weight -> token_embd."""
+    parts = name.removesuffix(".weight").split(".")
+    return ".".join(parts[2:]) if parts[0] == "blk" and len(parts) > 2 else ".".join(parts)
+
+
+def model_info(path: Path) -> dict[str, Any]:
+    """What `localqwen info` shows, from the GGUF header alone (fast, and safe on damaged files)."""
+    from localqwen.gguf_header import ArrayInfo, read_header
+    from localqwen.sampling import GGUF_SAMPLING_KEYS, Sampling
+    from localqwen.store import quant_name
+
+    header = read_header(path)
+    md = header.metadata
+    arch = str(md.get("general.architecture", ""))
+    mixture: dict[str, Counter[str]] = defaultdict(Counter)
+    types: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
+    for name, tensor in header.tensors.items():
+        mixture[_tensor_kind(name)][tensor.type.name] += 1
+        types[tensor.type.name]["tensors"] += 1
+        types[tensor.type.name]["bytes"] += tensor.n_bytes
+    tokens = md.get("tokenizer.ggml.tokens")
+    in_file = {name: md[key] for name, key in GGUF_SAMPLING_KEYS.items() if key in md}
+    template = md.get("tokenizer.chat_template")
+
+    def hp(key: str) -> Any:
+        return md.get(f"{arch}.{key}")
+
+    return {
+        "path": str(path), "name": md.get("general.name"), "architecture": arch, "size": header.file_size,
+        "parameters": sum(math.prod(t.shape) for t in header.tensors.values()), "quant": quant_name(md),
+        "context_length": hp("context_length"), "layers": hp("block_count"), "embedding": hp("embedding_length"),
+        "feed_forward": hp("feed_forward_length"), "heads": hp("attention.head_count"),
+        "kv_heads": hp("attention.head_count_kv"), "head_dim": hp("attention.key_length"),
+        "rope_freq_base": hp("rope.freq_base"),
+        "vocab": tokens.count if isinstance(tokens, ArrayInfo) else len(tokens or []),
+        "chat_template": isinstance(template, str) and bool(template),
+        "sampling": {k: v for k, v in Sampling.from_metadata(in_file).to_dict().items() if k in GGUF_SAMPLING_KEYS},
+        "sampling_from_file": sorted(in_file),
+        "tensor_types": dict(sorted(types.items())),
+        "mixture": {kind: dict(sorted(counts.items())) for kind, counts in sorted(mixture.items())},
+    }
+
+
+# --- plan --------------------------------------------------------------------------------------------------------
+
+def plan_report(path: Path, n_ctx: int | str = "auto", *, kv_type: str = "f16", flash_attn: bool | None = None,
+                gpu_layers: int | str = "auto", max_ctx: int | None = None) -> dict[str, Any]:
+    """The plan Model.load would make for these settings, and the largest context each KV cache type allows here.
+
+    Mirrors Model.load's choices (budget = free VRAM when offloading, else free RAM, minus a margin) without
+    loading anything.
+    """
+    from localqwen.backend import gpu_offload_supported
+    from localqwen.model import MEMORY_MARGIN, MIN_MEMORY_MARGIN
+    from localqwen.plan import KV_TYPES, auto_gpu_layers, available_memory, largest_context, plan_memory, read_shape
+
+    if kv_type not in KV_TYPES:
+        raise LocalqwenError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
+    shape = read_shape(path)
+    flash = kv_type != "f16" if flash_attn is None else flash_attn
+    ram, vram = available_memory()
+    offload = gpu_offload_supported() and bool(vram)
+    layers = (shape.n_layers + 1 if offload else 0) if gpu_layers == "auto" else int(gpu_layers)
+    budget = vram if offload and vram else ram
+    budget -= max(MIN_MEMORY_MARGIN, int(budget * MEMORY_MARGIN))
+
+    def largest(kv: str, flash_on: bool, limit: int | None = None) -> int:
+        return largest_context(shape, budget, kv_type=kv, flash_attn=flash_on, gpu_layers=layers, limit=limit)
+
+    if n_ctx == "auto":
+        ctx = largest(kv_type, flash, min(max_ctx or shape.n_ctx_train, shape.n_ctx_train))
+    elif isinstance(n_ctx, int) and 0 < n_ctx <= shape.n_ctx_train:
+        ctx = n_ctx
+    else:
+        raise LocalqwenError(f"context {n_ctx} must be between 1 and {shape.n_ctx_train}")
+    if gpu_layers == "auto" and offload and vram and ctx:
+        layers = auto_gpu_layers(shape, vram, ctx, kv_type, flash)
+    plan = plan_memory(shape, max(ctx, 1), kv_type=kv_type, flash_attn=flash, gpu_layers=layers)
+    fits = ctx > 0 and plan.total_cpu <= ram and (not plan.total_gpu or plan.total_gpu <= (vram or 0))
+    return {
+        "model": str(path), "free_ram": ram, "free_vram": vram, "budget": budget, "native_context": shape.n_ctx_train,
+        "plan": plan.to_dict(), "fits": fits,
+        # f16 without flash attention (often faster on CPU); quantized caches need it.
+        "largest_context": {kv: largest(kv, kv != "f16" or bool(flash_attn)) for kv in KV_TYPES},
+    }
+
+
+# --- doctor ------------------------------------------------------------------------------------------------------
+
+def system_report() -> dict[str, Any]:
+    """Backend, memory, store and hub settings: what a bug report needs (never a token, only whether one is set)."""
+    from importlib import metadata
+
+    import psutil
+    from huggingface_hub import constants
+
+    from localqwen.backend import backend_names, gpu_offload_supported
+    from localqwen.hub import offline
+    from localqwen.plan import available_memory
+    from localqwen.store import DEFAULT_MODEL_FILE, home, list_models, models_dir
+
+    ram, vram = available_memory()
+    # Whether huggingface_hub will send a token (HF_TOKEN, or one saved by `hf auth login`); never the token itself.
+    token_set = bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+                     or Path(constants.HF_TOKEN_PATH).is_file())
+    existing = next(p for p in (home(), *home().parents) if p.exists())
+    return {
+        "versions": {name: metadata.version(name) for name in ("localqwen", "llama-cpp-python", "gguf",
+                                                                "huggingface_hub")},
+        "backend": {"names": backend_names(), "gpu_offload": gpu_offload_supported(), "cpu_count": os.cpu_count()},
+        "memory": {"total": psutil.virtual_memory().total, "available": ram, "free_vram": vram},
+        "store": {"home": str(home()), "models": len(list_models()),
+                  "default_model": (models_dir() / DEFAULT_MODEL_FILE).is_file(),
+                  "free_disk": shutil.disk_usage(existing).free},
+        "hub": {"endpoint": constants.ENDPOINT, "offline": offline(), "token_set": token_set,
+                "cache": constants.HF_HUB_CACHE},
+    }
+
+
+def _chain_ids(pieces: tuple[str, ...]) -> list[int]:
+    """Token ids of text pieces that are single tokens of the Qwen3 vocabulary (byte-level spelling)."""
+    from localqwen.synthetic import _bytes_to_unicode, tokenizer_json
+
+    vocab = json.loads(tokenizer_json())["model"]["vocab"]
+    table = _bytes_to_unicode()
+    spelled = ["".join(table[b] for b in piece.encode()) for piece in pieces]
+    missing = [piece for piece, s in zip(pieces, spelled, strict=True) if s not in vocab]
+    if missing:
+        raise LocalqwenError(f"the self-test's pieces {missing} are not single tokens of the vocabulary")
+    return [vocab[s] for s in spelled]
+
+
+def _self_test_steps(folder: Path, quant: str, steps: list[dict[str, Any]]) -> dict[str, str]:
+    from localqwen.constants import IM_END_ID, THINK_CLOSE_ID
+    from localqwen.convert import convert
+    from localqwen.events import Reply
+    from localqwen.gguf_header import read_header
+    from localqwen.model import Model
+    from localqwen.synthetic import DOUBLE_NEWLINE_ID, NEWLINE_ID, TINY, chain_weights, write_checkpoint
+
+    def step(name: str, started: float, detail: str = "") -> None:
+        steps.append({"step": name, "seconds": round(time.perf_counter() - started, 2), "detail": detail})
+
+    started = time.perf_counter()
+    chain = [NEWLINE_ID, *_chain_ids(SELF_TEST_THINKING), THINK_CLOSE_ID, DOUBLE_NEWLINE_ID,
+             *_chain_ids(SELF_TEST_ANSWER), IM_END_ID]
+    shape = replace(TINY, hidden_size=SELF_TEST_WIDTH, intermediate_size=SELF_TEST_WIDTH, tie_word_embeddings=False)
+    source = write_checkpoint(folder / "Qwen3-SelfTest", shape, weights=chain_weights(shape, chain), shards=3)
+    step("checkpoint", started, f"{len(chain)}-token chain model, 3 shards")
+
+    started = time.perf_counter()
+    [path] = convert(str(source), [quant], outdir=folder, quiet=True)
+    kinds = sorted({t.type.name for t in read_header(path).tensors.values()})
+    step("convert", started, f"{path.name}: {', '.join(kinds)}")
+
+    started = time.perf_counter()
+    model = Model.load(path, n_ctx=512)
+    try:
+        step("load", started, f"n_ctx {model.n_ctx}, {model.plan.gpu_layers} layers on the GPU")
+        started = time.perf_counter()
+        reply = Reply.collect(model.chat([{"role": "user", "content": "Hi"}], temperature=0.0, seed=0))
+    finally:
+        model.close()
+    got = {"thinking": reply.thinking, "content": reply.content, "finish_reason": reply.stats.finish_reason}
+    step("generate", started, f"{reply.stats.completion_tokens} tokens")
+    return got
+
+
+def self_test(quant: str = SELF_TEST_QUANT) -> dict[str, Any]:
+    """Build, convert, quantize, load and run a tiny model; `ok` only if it said exactly what it was built to say."""
+    expected = {"thinking": "".join(SELF_TEST_THINKING), "content": "".join(SELF_TEST_ANSWER), "finish_reason": "stop"}
+    steps: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"ok": False, "quant": quant, "steps": steps, "expected": expected, "got": None,
+                              "error": None}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="localqwen-doctor-") as tmp:
+        try:
+            result["got"] = _self_test_steps(Path(tmp), quant, steps)
+        except Exception as exc:  # a doctor reports what broke instead of crashing on it
+            result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    result["ok"] = result["error"] is None and result["got"] == expected
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
