@@ -34,7 +34,7 @@ def chain_model(tmp: Path, thinking: str, answer: str, tool_call: str | None = N
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Model, list[int]]:
     path, chain = chain_model(tmp_path_factory.mktemp("chain"), THINKING, ANSWER)
-    model = Model.load(path, n_ctx=512, gpu_layers=0)
+    model = Model.load(path, n_ctx=512, gpu_layers=0, threads=1)  # a tiny model: threads only add overhead
     yield model, chain
     model.close()
 
