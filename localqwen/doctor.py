@@ -79,38 +79,21 @@ def plan_report(path: Path, n_ctx: int | str = "auto", *, kv_type: str = "f16", 
                 gpu_layers: int | str = "auto", max_ctx: int | None = None) -> dict[str, Any]:
     """The plan Model.load would make for these settings, and the largest context each KV cache type allows here.
 
-    Mirrors Model.load's choices (budget = free VRAM when offloading, else free RAM, minus a margin) without
-    loading anything.
+    Uses the same choice as Model.load (plan.choose_plan) without loading anything.
     """
-    from localqwen.backend import gpu_offload_supported
-    from localqwen.model import MEMORY_MARGIN, MIN_MEMORY_MARGIN
-    from localqwen.plan import KV_TYPES, auto_gpu_layers, available_memory, largest_context, plan_memory, read_shape
+    from localqwen.plan import KV_TYPES, choose_plan, largest_context, read_shape
 
-    if kv_type not in KV_TYPES:
-        raise LocalqwenError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
     shape = read_shape(path)
-    flash = kv_type != "f16" if flash_attn is None else flash_attn
-    ram, vram = available_memory()
-    offload = gpu_offload_supported() and bool(vram)
-    layers = (shape.n_layers + 1 if offload else 0) if gpu_layers == "auto" else int(gpu_layers)
-    budget = vram if offload and vram else ram
-    budget -= max(MIN_MEMORY_MARGIN, int(budget * MEMORY_MARGIN))
+    plan, memory = choose_plan(shape, n_ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers,
+                               max_ctx=max_ctx)
 
-    def largest(kv: str, flash_on: bool, limit: int | None = None) -> int:
-        return largest_context(shape, budget, kv_type=kv, flash_attn=flash_on, gpu_layers=layers, limit=limit)
+    def largest(kv: str, flash_on: bool) -> int:
+        return largest_context(shape, memory.budget, kv_type=kv, flash_attn=flash_on, gpu_layers=plan.gpu_layers)
 
-    if n_ctx == "auto":
-        ctx = largest(kv_type, flash, min(max_ctx or shape.n_ctx_train, shape.n_ctx_train))
-    elif isinstance(n_ctx, int) and 0 < n_ctx <= shape.n_ctx_train:
-        ctx = n_ctx
-    else:
-        raise LocalqwenError(f"context {n_ctx} must be between 1 and {shape.n_ctx_train}")
-    if gpu_layers == "auto" and offload and vram and ctx:
-        layers = auto_gpu_layers(shape, vram, ctx, kv_type, flash)
-    plan = plan_memory(shape, max(ctx, 1), kv_type=kv_type, flash_attn=flash, gpu_layers=layers)
-    fits = ctx > 0 and plan.total_cpu <= ram and (not plan.total_gpu or plan.total_gpu <= (vram or 0))
+    fits = plan.total_cpu <= memory.ram and (not plan.total_gpu or plan.total_gpu <= (memory.vram or 0))
     return {
-        "model": str(path), "free_ram": ram, "free_vram": vram, "budget": budget, "native_context": shape.n_ctx_train,
+        "model": str(path), "free_ram": memory.ram, "free_vram": memory.vram, "budget": memory.budget,
+        "native_context": shape.n_ctx_train,
         "plan": plan.to_dict(), "fits": fits,
         # f16 without flash attention (often faster on CPU); quantized caches need it.
         "largest_context": {kv: largest(kv, kv != "f16" or bool(flash_attn)) for kv in KV_TYPES},

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from localqwen.backend import gpu_offload_supported, open_llama
+from localqwen.backend import open_llama
 from localqwen.constants import (
     DEFAULT_MAX_TOKENS,
     ENDOFTEXT_ID,
@@ -32,15 +32,7 @@ from localqwen.events import Event, Stats
 from localqwen.gguf_header import read_header
 from localqwen.modelcheck import check_model
 from localqwen.parser import StreamParser
-from localqwen.plan import (
-    KV_TYPES,
-    MemoryPlan,
-    auto_gpu_layers,
-    available_memory,
-    largest_context,
-    plan_memory,
-    read_shape,
-)
+from localqwen.plan import MemoryPlan, choose_plan, read_shape
 from localqwen.prompt import render_chat
 from localqwen.sampling import Sampling
 
@@ -48,9 +40,6 @@ from localqwen.sampling import Sampling
 GGML_KV_TYPE_IDS = {"f16": 1, "q8_0": 8, "q4_0": 2}
 # When thinking would eat all of max_tokens, this many tokens (at most a quarter of max_tokens) stay for the answer.
 DEFAULT_ANSWER_RESERVE = 1024
-# Free memory `n_ctx="auto"` leaves to the rest of the machine.
-MEMORY_MARGIN = 0.15
-MIN_MEMORY_MARGIN = 1 << 30
 
 
 class ModelBusy(LocalqwenError):
@@ -94,36 +83,18 @@ class Model:
         path = Path(path)
         if not path.is_file():
             raise LocalqwenError("model file not found", path)
-        if kv_type not in KV_TYPES:
-            raise LocalqwenError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
         check_model(read_header(path), path)  # llama.cpp aborts the process on some bad files: refuse them first
-        shape = read_shape(path)
-        flash = kv_type != "f16" if flash_attn is None else flash_attn  # a quantized V cache needs flash attention
-        ram, vram = available_memory()
-        offload = gpu_offload_supported() and bool(vram)
-        all_layers = shape.n_layers + 1  # llama.cpp counts the output layer as one more
-        layers = (all_layers if offload else 0) if gpu_layers == "auto" else int(gpu_layers)
-        limit = min(max_ctx or shape.n_ctx_train, shape.n_ctx_train)
-        if n_ctx == "auto":
-            budget = vram if offload and vram else ram
-            budget -= max(MIN_MEMORY_MARGIN, int(budget * MEMORY_MARGIN))
-            n_ctx = largest_context(shape, budget, kv_type=kv_type, flash_attn=flash, gpu_layers=layers, limit=limit)
-            if n_ctx == 0:
-                raise LocalqwenError("not enough free memory for even a small context", path)
-        elif not isinstance(n_ctx, int) or not 0 < n_ctx <= shape.n_ctx_train:
-            raise LocalqwenError(f"context {n_ctx} must be between 1 and {shape.n_ctx_train}")
-        if gpu_layers == "auto" and offload and vram:
-            layers = auto_gpu_layers(shape, vram, n_ctx, kv_type, flash)  # what does not fit stays on the CPU
-        plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash, gpu_layers=layers)
-        if plan.total_cpu > ram:
-            raise LocalqwenError(f"a context of {n_ctx} tokens needs {plan.total_cpu / 2**30:.1f} GiB of memory, "
-                                 f"{ram / 2**30:.1f} GiB is free: lower --ctx or use --kv-cache q8_0/q4_0", path)
+        plan, memory = choose_plan(read_shape(path), n_ctx, kv_type=kv_type, flash_attn=flash_attn,
+                                   gpu_layers=gpu_layers, max_ctx=max_ctx)
+        if plan.total_cpu > memory.ram:
+            raise LocalqwenError(f"a context of {plan.n_ctx} tokens needs {plan.total_cpu / 2**30:.1f} GiB of memory, "
+                                 f"{memory.ram / 2**30:.1f} GiB is free: lower --ctx or use --kv-cache q8_0/q4_0", path)
         started = time.perf_counter()
         try:
             llama = open_llama(
-                path, n_ctx=n_ctx, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch,
-                n_gpu_layers=layers, flash_attn=flash, type_k=GGML_KV_TYPE_IDS[kv_type],
-                type_v=GGML_KV_TYPE_IDS[kv_type], n_threads=threads or default_threads())
+                path, n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, n_gpu_layers=plan.gpu_layers,
+                flash_attn=plan.flash_attn, type_k=GGML_KV_TYPE_IDS[plan.kv_type],
+                type_v=GGML_KV_TYPE_IDS[plan.kv_type], n_threads=threads or default_threads())
         except (ValueError, RuntimeError) as exc:
             raise LocalqwenError(f"llama.cpp could not load the model ({exc})", path) from None
         return cls(llama, path, plan, time.perf_counter() - started)

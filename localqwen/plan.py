@@ -21,6 +21,9 @@ from localqwen.errors import LocalqwenError
 from localqwen.gguf_header import ArrayInfo, GGUFHeader, read_header
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
+# Free memory `n_ctx="auto"` leaves to the rest of the machine.
+MEMORY_MARGIN = 0.15
+MIN_MEMORY_MARGIN = 1 << 30
 # ggml block layout (bytes per block, elements per block), as ggml_row_size() computes it.
 KV_BLOCKS = {"f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
 CTX_PAD = 256  # llama_context::llama_context: cparams.n_ctx = GGML_PAD(cparams.n_ctx, 256)
@@ -265,3 +268,41 @@ def auto_gpu_layers(shape: ModelShape, vram_bytes: int, n_ctx: int, kv_type: str
         if plan.total_gpu <= usable:
             return layers
     return 0
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Free memory now, and the part of it a plan may use."""
+
+    ram: int
+    vram: int | None
+    budget: int  # free VRAM when offloading, else free RAM, less a margin for the rest of the machine
+    offload: bool
+
+
+def choose_plan(shape: ModelShape, n_ctx: int | str = "auto", *, kv_type: str = "f16", flash_attn: bool | None = None,
+                gpu_layers: int | str = "auto", max_ctx: int | None = None) -> tuple[MemoryPlan, Memory]:
+    """The settings Model.load uses: n_ctx "auto" is the largest context that fits (at most max_ctx), gpu_layers
+    "auto" as many layers as fit in VRAM, flash attention on for a quantized KV cache unless told otherwise."""
+    from localqwen.backend import gpu_offload_supported
+
+    if kv_type not in KV_TYPES:
+        raise LocalqwenError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
+    flash = kv_type != "f16" if flash_attn is None else flash_attn  # a quantized V cache needs flash attention
+    ram, vram = available_memory()
+    offload = gpu_offload_supported() and bool(vram)
+    budget = vram if offload and vram else ram
+    memory = Memory(ram, vram, budget - max(MIN_MEMORY_MARGIN, int(budget * MEMORY_MARGIN)), offload)
+    # llama.cpp counts the output layer as one more layer to offload.
+    layers = (shape.n_layers + 1 if offload else 0) if gpu_layers == "auto" else int(gpu_layers)
+    if n_ctx == "auto":
+        limit = min(max_ctx or shape.n_ctx_train, shape.n_ctx_train)
+        n_ctx = largest_context(shape, memory.budget, kv_type=kv_type, flash_attn=flash, gpu_layers=layers,
+                                limit=limit)
+        if n_ctx == 0:
+            raise LocalqwenError("not enough free memory for even a small context")
+    elif isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 0 < n_ctx <= shape.n_ctx_train:
+        raise LocalqwenError(f"context {n_ctx} must be between 1 and {shape.n_ctx_train}")
+    if gpu_layers == "auto" and offload and vram:
+        layers = auto_gpu_layers(shape, vram, n_ctx, kv_type, flash)  # what does not fit stays on the CPU
+    return plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash, gpu_layers=layers), memory
