@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from localqwen.backend import open_llama
 from localqwen.convert import convert
+from localqwen.gguf_header import read_header
 from localqwen.synthetic import write_checkpoint
 
 from .conftest import QUANT_SHAPE
@@ -123,7 +124,7 @@ def test_metadata_is_what_llama_cpp_writes(checkpoint: Path, gguf_files: dict[st
 
 
 def tensor_types(path: Path) -> dict[str, str]:
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    return {name: t.type.name for name, t in read_header(path).tensors.items()}
 
 
 def test_tensor_names_and_types(gguf_files: dict[str, Path]) -> None:
