@@ -13,7 +13,13 @@ from pathlib import Path
 
 from localqwen.constants import DEFAULT_REPO
 from localqwen.errors import LocalqwenError
-from localqwen.fileio import atomic_output, check_writable_target, disk_error, temporary_beside
+from localqwen.fileio import (
+    atomic_output,
+    check_writable_target,
+    disk_error,
+    remove_stale_partials,
+    temporary_beside,
+)
 from localqwen.progress import Bars, progress_bars
 
 from .checkpoint import Checkpoint, load_checkpoint
@@ -89,6 +95,8 @@ def convert(source: str = DEFAULT_REPO, quants: Sequence[str] = (DEFAULT_QUANT,)
         targets[base_type] = targets[quants[0]].parent / namer.file_name(base_type)
     for target in targets.values():
         check_writable_target(target, force=force)
+    for folder in {target.parent for target in targets.values()}:
+        remove_stale_partials(folder)  # the next run recovers from one that was killed
 
     try:
         with progress_bars(quiet) as bars:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from localqwen.errors import LocalqwenError
+
+PARTIAL = ".partial"
+STALE_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.partial$")  # .NAME.PID.RANDOM.partial
 
 
 def check_writable_target(path: Path, *, force: bool) -> None:
@@ -37,8 +41,10 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 
 def temporary_beside(path: Path) -> Path:
-    """A new empty file next to `path` (same disk, so the final rename is atomic), with the usual permissions."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    """A new empty file next to `path` (same disk, so the final rename is atomic), with the usual permissions.
+
+    Its name carries our process id, so a later run can tell the leftovers of a killed run from live work."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=PARTIAL)
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes files private (0600); outputs are ordinary files
@@ -46,9 +52,23 @@ def temporary_beside(path: Path) -> Path:
     return Path(name)
 
 
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete temporary files that killed runs (SIGKILL, power loss) left in `folder`; live ones are kept."""
+    import psutil
+
+    removed = []
+    for path in folder.glob(f".*{PARTIAL}"):
+        match = STALE_NAME.match(path.name)
+        if match and not psutil.pid_exists(int(match[1])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def disk_error(exc: OSError, path: Path) -> LocalqwenError:
     """Turn the OS errors a user can act on into one-line messages."""
-    if exc.errno == errno.ENOSPC:
+    # numpy's tofile reports a full disk as a bare OSError without errno, in its own words.
+    if exc.errno == errno.ENOSPC or "free space" in str(exc):
         return LocalqwenError("no space left on the device", path)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return LocalqwenError("permission denied", path)

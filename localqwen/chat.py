@@ -1,0 +1,477 @@
+"""`localqwen chat`: an interactive terminal chat in the manner of Ollama's.
+
+The thinking streams live and dimmed under a "Thinking..." header and collapses to a one-line summary when the answer
+starts; the answer renders as Markdown (plain text when the output is not a terminal). Each turn sends the whole
+conversation (llama.cpp reuses the cached prefix); turns that no longer fit the context are dropped, never silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.segment import Segment
+from rich.text import Text
+
+from localqwen.errors import LocalqwenError
+from localqwen.events import Event, Stats
+from localqwen.model import Model
+from localqwen.sampling import Sampling
+
+Message = dict[str, Any]
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "seed")
+LIMIT_KEYS = {"max_tokens": 1, "thinking_budget": 0}  # the smallest value each takes
+INT_KEYS = {"top_k", "seed", *LIMIT_KEYS}
+WARN_AT = 0.8  # share of the context in use after a reply that earns a warning
+HELP = """\
+/set KEY VALUE   temperature, top_p, top_k, min_p, presence_penalty, seed, max_tokens, thinking_budget
+                 (a number, or "default"); system TEXT; thinking show|hide; verbose on|off
+/show            model, quantization, context, memory plan and the current settings
+/stats           timings and token counts of the last reply
+/thinking        the last reply's thinking in full
+/clear           forget the conversation (the system prompt stays)
+/save FILE       save the conversation and settings as JSON; /load FILE restores them
+/bye             leave (or Ctrl+D)
+Alt+Enter (or Esc, Enter) starts a new line; \"\"\" opens and closes a multi-line message; Ctrl+C stops a reply."""
+
+
+@dataclass
+class ChatSettings:
+    system: str | None = None
+    hide_thinking: bool = False
+    verbose: bool = False
+    max_tokens: int | None = None
+    thinking_budget: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+def validate(settings: ChatSettings, base: Sampling) -> ChatSettings:
+    """`settings` if every value is usable (sampling checked against `base`), else a LocalqwenError."""
+    for key, least in LIMIT_KEYS.items():
+        value = getattr(settings, key)
+        if value is not None and (type(value) is not int or value < least):
+            raise LocalqwenError(f"{key} must be a whole number of at least {least} (or default), got {value!r}")
+    if not (isinstance(settings.hide_thinking, bool) and isinstance(settings.verbose, bool)):
+        raise LocalqwenError("hide_thinking and verbose must be true or false")
+    if settings.system is not None and not isinstance(settings.system, str):
+        raise LocalqwenError("the system prompt must be text")
+    try:
+        base.with_overrides(**settings.sampling)
+    except TypeError:
+        raise LocalqwenError(f"sampling settings must be numbers, got {settings.sampling}") from None
+    return settings
+
+
+def apply_set(settings: ChatSettings, base: Sampling, arg: str) -> tuple[ChatSettings, str]:
+    """`/set ARG`: the changed settings, validated, and a confirmation."""
+    key, _, value = arg.strip().partition(" ")
+    value = value.strip()
+    new = replace(settings, sampling=dict(settings.sampling))
+    if key == "system":
+        new.system = value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value or None
+        return new, "system prompt set" if new.system else "system prompt cleared"
+    if key in ("thinking", "verbose"):
+        choices = {"show": False, "hide": True} if key == "thinking" else {"on": True, "off": False}
+        if value not in choices:
+            raise LocalqwenError(f"/set {key} takes {' or '.join(choices)}, got {value!r}")
+        setattr(new, "hide_thinking" if key == "thinking" else "verbose", choices[value])
+        return new, f"{key} {value}"
+    if key not in LIMIT_KEYS and key not in SAMPLING_KEYS:
+        raise LocalqwenError(f"unknown setting {key!r}: /help lists them" if key else "/set needs a setting: /help")
+    try:
+        number = None if value in ("default", "none") else (int if key in INT_KEYS else float)(value)
+    except ValueError:
+        raise LocalqwenError(f"{key} needs a {'whole ' * (key in INT_KEYS)}number, got {value!r}") from None
+    if key in LIMIT_KEYS:
+        setattr(new, key, number)
+    elif number is None:
+        new.sampling.pop(key, None)
+    else:
+        new.sampling[key] = number
+    return validate(new, base), f"{key} set to {'default' if number is None else number}"
+
+
+def save_conversation(path: Path, messages: list[Message], settings: ChatSettings) -> None:
+    data = {"system": settings.system, "messages": messages,
+            "settings": {k: v for k, v in asdict(settings).items() if k != "system"}}
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def load_conversation(path: Path, base: Sampling) -> tuple[list[Message], ChatSettings]:
+    """What save_conversation wrote, validated."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise LocalqwenError(f"cannot read the file ({exc.strerror})", path) from None
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise LocalqwenError(f"not a saved conversation ({exc})", path) from None
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise LocalqwenError('not a saved conversation (no "messages" list)', path)
+    for message in data["messages"]:
+        if not (isinstance(message, dict) and message.get("role") in ("user", "assistant", "tool")
+                and isinstance(message.get("content"), str)):
+            raise LocalqwenError(f"not a chat message: {json.dumps(message, ensure_ascii=False)[:80]}", path)
+    stored = data.get("settings") or {}
+    if not isinstance(stored, dict):
+        raise LocalqwenError('"settings" must be an object', path)
+    try:
+        settings = ChatSettings(system=data.get("system"), **{k: v for k, v in stored.items() if k != "system"})
+    except TypeError:
+        raise LocalqwenError(f"unknown settings in {sorted(stored)}", path) from None
+    return data["messages"], validate(settings, base)
+
+
+def fit_context(messages: list[Message], count: Callable[[list[Message]], int], n_ctx: int,
+                room: int) -> tuple[list[Message], int]:
+    """Drop the oldest whole turns (a user message and what followed it) until the prompt plus `room` tokens for the
+    reply fit `n_ctx`. `messages` ends with the new user message, which always stays; `count` measures a prompt, the
+    system prompt included. Returns the kept messages and how many turns went; nothing goes when even the new message
+    alone would not fit (the model then says so)."""
+    kept, dropped = messages, 0
+    while len(kept) > 1 and count(kept) + room > n_ctx:
+        kept = kept[next(i for i in range(1, len(kept)) if kept[i].get("role") == "user"):]
+        dropped += 1
+    return (kept, dropped) if count(kept) < n_ctx else (messages, 0)
+
+
+class Tail:
+    """The last lines of a renderable that fit the screen (a live region taller than the screen cannot be redrawn).
+    Long Markdown is cut at a blank line outside code fences first, so each refresh renders about a screenful."""
+
+    def __init__(self, renderable: RenderableType | str, reserve: int = 1, keep: int = 6000) -> None:
+        if isinstance(renderable, str):
+            cut, fenced, pos = 0, False, 0
+            for line in renderable.splitlines(keepends=True):
+                pos += len(line)
+                if pos > len(renderable) - keep:
+                    break
+                if line.lstrip().startswith(("```", "~~~")):
+                    fenced = not fenced
+                elif not fenced and not line.strip():
+                    cut = pos
+            renderable = Markdown(renderable[cut:])
+        self.renderable, self.reserve = renderable, reserve
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for line in console.render_lines(self.renderable, options, pad=False)[-max(1, console.height - self.reserve):]:
+            yield from line
+            yield Segment.line()
+
+
+class ReplyView:
+    """Draws one streamed reply: the thinking apart (live, then a summary line), then the answer."""
+
+    def __init__(self, console: Console, show_thinking: bool, count_tokens: Callable[[str], int]) -> None:
+        self.console, self.show_thinking, self.count_tokens = console, show_thinking, count_tokens
+        self.live = console.is_terminal  # else plain text, written as it comes
+        self.thinking: list[str] = []
+        self.content: list[str] = []
+        self.started = time.perf_counter()
+        self.region: Live | None = None
+        self.summarized = False
+
+    def run(self, events: Iterator[Event]) -> tuple[str, str, Stats]:
+        stats = Stats(finish_reason="cancelled")
+        self.show(self.thinking_view)
+        try:
+            for event in events:
+                if event.kind == "thinking":
+                    if not self.live and self.show_thinking:
+                        self.write(("" if self.thinking else "Thinking...\n") + event.text)
+                    self.thinking.append(event.text)
+                elif event.kind == "content":
+                    if not self.content:
+                        self.end_thinking(None)
+                        self.show(lambda: Tail("".join(self.content)))
+                    self.content.append(event.text)
+                    if not self.live:
+                        self.write(event.text)
+                elif event.tool_call is not None:
+                    self.console.print(f"[tool call] {event.tool_call.raw}", style="dim", markup=False)
+                elif event.stats is not None:
+                    stats = event.stats
+        except KeyboardInterrupt:  # a second Ctrl+C: stop now rather than at the next token
+            events.close()  # type: ignore[attr-defined]
+        finally:
+            if not self.content:
+                self.end_thinking(stats)
+            elif self.live:
+                self.show(None)
+                self.console.print(Markdown("".join(self.content)))
+            else:
+                self.write("\n")
+        return "".join(self.thinking), "".join(self.content), stats
+
+    def show(self, view: Callable[[], RenderableType] | None) -> None:
+        """Replace the live region (transient: it vanishes when replaced) with `view`, or with nothing."""
+        if self.region is not None:
+            self.region.stop()
+            self.region = None
+        if view is not None and self.live:
+            self.region = Live(get_renderable=view, console=self.console, transient=True, refresh_per_second=8,
+                               redirect_stdout=False, redirect_stderr=False)
+            self.region.start()
+
+    def thinking_view(self) -> RenderableType:
+        header = Text.assemble(("Thinking...", "bold"), (f" {time.perf_counter() - self.started:.0f} s", "dim"))
+        if not self.show_thinking:
+            return header
+        tail = "".join(self.thinking)[-self.console.width * self.console.height:].strip()
+        return Group(header, Tail(Text(tail, style="dim"), reserve=2))
+
+    def end_thinking(self, stats: Stats | None) -> None:
+        """The one-line summary; `stats` when the reply ended inside the thinking (its token count is exact)."""
+        self.show(None)
+        if self.thinking and not self.summarized:
+            if not self.live and self.show_thinking:
+                self.write("\n")
+            text = "".join(self.thinking)
+            tokens = stats.thinking_tokens if stats and stats.thinking_tokens else self.count_tokens(text)
+            note = {"cancelled": " (stopped)", "length": " (token limit)"}.get(stats.finish_reason, "") if stats else ""
+            seconds = time.perf_counter() - self.started
+            self.console.print(f"Thought for {tokens} tokens, {seconds:.1f} s{note}", style="dim", highlight=False,
+                               soft_wrap=True)
+        self.summarized = True
+
+    def write(self, text: str) -> None:
+        self.console.file.write(text)
+        self.console.file.flush()
+
+
+class ChatSession:
+    """The conversation and the slash commands, apart from the prompt."""
+
+    def __init__(self, model: Model, settings: ChatSettings, console: Console) -> None:
+        self.model, self.settings, self.console = model, validate(settings, model.sampling), console
+        self.messages: list[Message] = []
+        self.last: Stats | None = None
+        self.last_thinking = ""
+        self.used = 0  # context tokens the conversation takes
+
+    def prompt_of(self, messages: list[Message]) -> list[Message]:
+        return ([{"role": "system", "content": self.settings.system}] if self.settings.system else []) + messages
+
+    def count(self, messages: list[Message]) -> int:
+        return len(self.model.tokenize_chat(self.prompt_of(messages))) if messages else 0
+
+    def note(self, text: str, style: str = "dim") -> None:
+        self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+    def toolbar(self) -> str:
+        return f" ctx {self.used}/{self.model.n_ctx} · /help · Alt+Enter new line · Ctrl+D quit"
+
+    def command(self, line: str) -> bool:
+        """Run one slash command; False when the chat should end."""
+        name, _, arg = line.strip()[1:].partition(" ")
+        handler = {"help": self.help, "?": self.help, "set": self.set, "show": self.show, "stats": self.stats,
+                   "thinking": lambda arg: self.note(self.last_thinking or "no thinking yet"), "clear": self.clear,
+                   "save": self.save, "load": self.load}.get(name)
+        if name in ("bye", "exit", "quit"):
+            return False
+        try:
+            if handler is None:
+                raise LocalqwenError(f"unknown command /{name}: /help lists the commands")
+            handler(arg.strip())
+        except LocalqwenError as exc:
+            self.note(f"Error: {exc.format_message()}", style="red")
+        return True
+
+    def help(self, arg: str) -> None:
+        self.note(HELP, style="")
+
+    def set(self, arg: str) -> None:
+        self.settings, message = apply_set(self.settings, self.model.sampling, arg)
+        self.used = self.count(self.messages)  # the system prompt may have changed
+        self.note(message)
+
+    def show(self, arg: str) -> None:
+        file_type = self.model.metadata.get("general.file_type", "?")
+        with contextlib.suppress(ValueError):
+            import gguf
+
+            file_type = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+        plan, s = self.model.plan.to_dict(), self.settings
+        sizes = [f"{k.removesuffix('_cpu')} {v / 2**20:.0f}" for k, v in plan.items()
+                 if k.endswith(("_cpu", "_gpu", "output")) and k not in ("total_cpu", "total_gpu") and v]
+        sampling = self.model.sampling.with_overrides(**s.sampling).to_dict()
+        rows = {"model": self.model.path, "quant": file_type,
+                "context": f"{self.model.n_ctx} tokens, {self.used} in use",
+                "memory": f"{plan['total'] / 2**20:.0f} MiB ({', '.join(sizes)} MiB)",
+                "kv cache": f"{plan['kv_type']}, flash attention {'on' if plan['flash_attn'] else 'off'}, "
+                            f"{plan['gpu_layers']} GPU layers",
+                **{k: "random" if v is None else v for k, v in sampling.items()},
+                "max_tokens": s.max_tokens or "default",
+                "thinking_budget": "none" if s.thinking_budget is None else s.thinking_budget,
+                "thinking": "hide" if s.hide_thinking else "show", "verbose": "on" if s.verbose else "off",
+                "system": s.system or "(none)"}
+        self.note("\n".join(f"  {k:<17}{v}" for k, v in rows.items()), style="")
+
+    def stats(self, arg: str = "") -> None:
+        if self.last is None:
+            raise LocalqwenError("no reply yet")
+        st, t = self.last, self.last.timings
+        cached = getattr(st, "cached_prompt_tokens", 0)  # reused from the previous turn's KV cache
+        self.note(f"  prompt      {st.prompt_tokens} tokens{f' ({cached} cached)' if cached else ''}, "
+                  f"{t.get('prompt_tokens_per_s', 0)} tokens/s, first token after {t.get('prompt_eval_s', 0):.2f} s\n"
+                  f"  generation  {st.completion_tokens} tokens ({st.thinking_tokens} thinking, {st.content_tokens} "
+                  f"answer), {t.get('tokens_per_s', 0)} tokens/s over {t.get('generation_s', 0):.2f} s\n"
+                  f"  finish      {st.finish_reason}; context {self.used}/{self.model.n_ctx} tokens")
+
+    def clear(self, arg: str) -> None:
+        self.messages, self.used = [], 0
+        self.note("conversation cleared")
+
+    def save(self, arg: str) -> None:
+        if not arg:
+            raise LocalqwenError("/save needs a file name")
+        try:
+            save_conversation(Path(arg).expanduser(), self.messages, self.settings)
+        except OSError as exc:
+            raise LocalqwenError(f"cannot write ({exc.strerror})", arg) from None
+        self.note(f"saved {turns(self.messages)} to {arg}")
+
+    def load(self, arg: str) -> None:
+        if not arg:
+            raise LocalqwenError("/load needs a file name")
+        self.messages, self.settings = load_conversation(Path(arg).expanduser(), self.model.sampling)
+        self.used = self.count(self.messages)
+        self.note(f"loaded {turns(self.messages)} from {arg} (ctx {self.used}/{self.model.n_ctx})")
+
+    def send(self, text: str) -> None:
+        s, n_ctx = self.settings, self.model.n_ctx
+        room = min(s.max_tokens or n_ctx // 4, n_ctx // 2)  # kept free for the reply
+        messages, dropped = fit_context([*self.messages, {"role": "user", "content": text}], self.count, n_ctx, room)
+        if dropped:
+            self.messages = messages[:-1]
+            self.note(f"dropped {dropped} earlier turn{'s' * (dropped > 1)} to fit the context", style="yellow")
+        view = ReplyView(self.console, not s.hide_thinking,
+                         lambda t: len(self.model.llama.tokenize(t.encode(), add_bos=False, special=False)))
+        try:
+            with self.interruptible():
+                events = self.model.chat(self.prompt_of(messages), max_tokens=s.max_tokens,
+                                         thinking_budget=s.thinking_budget, wait=0, **s.sampling)
+                thinking, content, stats = view.run(events)
+        except LocalqwenError as exc:
+            self.note(f"Error: {exc.format_message()}", style="red")
+            return
+        self.last, self.last_thinking = stats, thinking
+        if stats.finish_reason == "cancelled":
+            self.note("stopped: this exchange is not kept (Up recalls your message)", style="yellow")
+        elif not content.strip():
+            self.note("stopped at the token limit while thinking: no answer, the exchange is not kept "
+                      "(raise /set max_tokens, or set /set thinking_budget)", style="yellow")
+        else:
+            if stats.finish_reason == "length":
+                self.note(f"stopped at the token limit ({stats.completion_tokens} tokens): the answer is cut short",
+                          style="yellow")
+            reasoning = {"reasoning_content": thinking} if thinking else {}
+            self.messages = [*messages, {"role": "assistant", "content": content, **reasoning}]
+            self.used = self.count(self.messages)
+        if s.verbose:
+            self.stats()
+        if self.used > WARN_AT * n_ctx:
+            self.note(f"context {100 * self.used // n_ctx}% full ({self.used}/{n_ctx} tokens): the oldest turns will "
+                      "be dropped to make room for new ones; /clear starts afresh", style="yellow")
+        self.console.print()
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Ctrl+C during a reply: the first stops it at the next token, a second at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        asked = False
+
+        def on_interrupt(signum: int, frame: Any) -> None:
+            nonlocal asked
+            if asked:
+                raise KeyboardInterrupt
+            asked = True
+            self.model.cancel()
+
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def turns(messages: list[Message]) -> str:
+    n = sum(m["role"] == "user" for m in messages)
+    return f"{n} turn{'' if n == 1 else 's'}"
+
+
+def read_message(session: Any) -> tuple[str, bool]:
+    """One message from the prompt, and whether it was a \"\"\" block (where a leading / is text, not a command)."""
+    line = session.prompt(">>> ")
+    if not line.lstrip().startswith('"""'):
+        return line.strip(), False
+    text = line.lstrip()[3:]
+    while not text.rstrip().endswith('"""'):
+        text += "\n" + session.prompt("... ")
+    return text.rstrip()[:-3].strip(), True
+
+
+class PlainPrompt:
+    """The prompt when stdin or stdout is not a terminal: lines from stdin, echoed to make the output a transcript."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def prompt(self, message: str, **kwargs: Any) -> str:
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        self.console.file.write(message + line)
+        return line.rstrip("\n")
+
+
+def chat_repl(model: Model, settings: ChatSettings, *, input: Any = None, output: Any = None) -> None:
+    """The chat loop. `input`: a prompt_toolkit Input (default the terminal); `output`: a text stream for everything
+    shown (default stdout; one that is not a terminal gets plain text)."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+    from prompt_toolkit.output import DummyOutput, create_output
+
+    from localqwen.store import home
+
+    console = Console(file=output, highlight=False)
+    chat = ChatSession(model, settings, console)
+    history: History = InMemoryHistory()
+    with contextlib.suppress(OSError):
+        home().mkdir(parents=True, exist_ok=True)
+        (home() / "chat_history").touch()
+        history = FileHistory(str(home() / "chat_history"))
+    bindings = KeyBindings()
+    bindings.add("escape", "enter")(lambda event: event.current_buffer.insert_text("\n"))
+    session: Any = PlainPrompt(console) if input is None and output is None and not (
+        sys.stdin.isatty() and sys.stdout.isatty()) else PromptSession(
+        history=history, key_bindings=bindings, bottom_toolbar=chat.toolbar, prompt_continuation="... ",
+        placeholder=[("#888888", "Send a message (/? for help)")], input=input,
+        output=None if output is None else create_output(output) if output.isatty() else DummyOutput())
+    chat.note(f"localqwen chat · {model.path.name} · context {model.n_ctx} tokens · /help for commands, "
+              "Ctrl+D or /bye to leave")
+    while True:
+        try:
+            text, block = read_message(session)
+            if text.startswith("/") and not block:
+                if not chat.command(text):
+                    break
+            elif text:
+                chat.send(text)
+        except KeyboardInterrupt:  # at the prompt: the line is cleared
+            continue
+        except EOFError:
+            break
