@@ -202,9 +202,16 @@ def _check_sources(entry: ModelPin, lock: Lock, snapshot: Snapshot, *, complete:
 
 @contextlib.contextmanager
 def _workspace() -> Iterator[Path]:
-    """A folder inside the store (same disk: finished files are renamed into place), always removed."""
+    """A folder inside the store (same disk: finished files are renamed into place), always removed. Its name
+    carries our process id: workspaces of killed pulls (SIGKILL) are removed by the next one."""
+    import psutil
+
     models_dir().mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=".pull-", dir=models_dir()))
+    for old in models_dir().glob(".pull-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".pull-{os.getpid()}-", dir=models_dir()))
     try:
         yield folder
     finally:
