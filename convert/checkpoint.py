@@ -59,12 +59,17 @@ def read_json(path: Path) -> Any:
 
 def read_hparams(config: dict[str, Any], path: Path) -> Hparams:
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list):
+        architectures = [architectures]
     if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
         found = ", ".join(map(str, architectures)) or "none"
         raise LocalqwenError(f"architecture {found} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
                              path)
     # transformers 5.x moved rope_theta under rope_parameters; accept both styles.
-    rope_theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta"))
+    rope_parameters = config.get("rope_parameters")
+    if not isinstance(rope_parameters, dict):
+        rope_parameters = {}
+    rope_theta = config.get("rope_theta", rope_parameters.get("rope_theta"))
     values = {
         "rope_theta": rope_theta,
         "head_dim": config.get("head_dim"),
@@ -142,11 +147,16 @@ def shard_files(folder: Path) -> dict[Path, set[str]]:
 def read_shard(path: Path) -> dict[str, LocalTensor]:
     try:
         tensors = SafetensorsLocal(path).tensors
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
+        # gguf-py's parser trusts the header's JSON layout; any surprise in it is a corrupt header.
         raise LocalqwenError(f"corrupt safetensors header ({exc})", path) from None
     size = path.stat().st_size
     for name, tensor in tensors.items():
-        if tensor.dtype not in SAFETENSORS_DTYPE_SIZES:
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in tensor.shape):
+            raise LocalqwenError(f"tensor {name} has an invalid shape {list(tensor.shape)}", path)
+        if not isinstance(tensor.data_range.size, int) or tensor.data_range.offset < 8:
+            raise LocalqwenError(f"tensor {name} has invalid data_offsets", path)
+        if not isinstance(tensor.dtype, str) or tensor.dtype not in SAFETENSORS_DTYPE_SIZES:
             raise LocalqwenError(f"tensor {name} has dtype {tensor.dtype} (supported: BF16, F16, F32)", path)
         want = math.prod(tensor.shape) * SAFETENSORS_DTYPE_SIZES[tensor.dtype]
         if tensor.data_range.size != want:
