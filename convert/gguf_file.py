@@ -7,7 +7,9 @@ a few tens of MB whatever the model size (llama.cpp's converter holds whole tens
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,16 +57,16 @@ class StreamedTensor:
 
     def tofile(self, fout: BinaryIO) -> None:
         src = self.source
-        item = SAFETENSORS_DTYPE_SIZES[src.dtype]
-        row_bytes = math.prod(src.shape[1:]) * item
+        if src.dtype == self.target.name and self._kernel_copy(fout):
+            return
+        row_bytes = math.prod(src.shape[1:]) * SAFETENSORS_DTYPE_SIZES[src.dtype]
         rows_per_chunk = max(1, CHUNK_BYTES // row_bytes)
-        same_type = src.dtype == self.target.name
         for start in range(0, src.shape[0], rows_per_chunk):
             rows = min(rows_per_chunk, src.shape[0] - start)
             # A fresh map per window: it is unmapped when dropped, so its pages leave our RSS right away.
             window = np.memmap(src.data_range.filename, dtype=np.uint8, mode="r",
                                offset=src.data_range.offset + start * row_bytes, shape=(rows * row_bytes,))
-            if same_type:
+            if src.dtype == self.target.name:
                 fout.write(window.data)
             else:
                 values = to_float32(window, src.dtype)
@@ -74,6 +76,30 @@ class StreamedTensor:
             del window
             if self.on_progress:
                 self.on_progress(rows * row_bytes)
+
+    def _kernel_copy(self, fout: BinaryIO) -> bool:
+        """Same dtype in and out (bf16 -> bf16): let the kernel copy file to file, as `cp` does (3x faster than
+        going through Python). False, having written nothing, where the OS or filesystem cannot (macOS)."""
+        if not hasattr(os, "copy_file_range"):
+            return False
+        fout.flush()  # the buffered writer is empty, so its position is the descriptor's
+        data = self.source.data_range
+        with open(data.filename, "rb") as fin:
+            offset, end = data.offset, data.offset + data.size
+            while offset < end:
+                try:
+                    done = os.copy_file_range(fin.fileno(), fout.fileno(), min(CHUNK_BYTES, end - offset), offset)
+                except OSError as exc:
+                    if offset == data.offset and exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                                               errno.EOPNOTSUPP):
+                        return False
+                    raise
+                if done == 0:
+                    raise OSError(f"{data.filename} ended early")
+                offset += done
+                if self.on_progress:
+                    self.on_progress(done)
+        return True
 
 
 def gguf_name(hf_name: str, name_map: gguf.TensorNameMap) -> str:
