@@ -26,12 +26,14 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -47,6 +49,11 @@ from localqwen.model import ContextOverflow, Model
 T = TypeVar("T")
 RETRY_AFTER_S = 2
 REASONING_EFFORT = {"none": 0, "minimal": 256, "low": 1024, "medium": 8192, "high": None}
+# Deeper request JSON is refused (400) before it is parsed (see check_json).
+MAX_JSON_DEPTH = 100
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string, escapes and all
+NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 # --- requests ------------------------------------------------------------------------------------------------
@@ -175,6 +182,36 @@ def api_error(exc: BaseException) -> APIError:
     if isinstance(exc, LocalqwenError):
         return APIError(400, exc.message)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply a JSON text nests its arrays and objects, found without parsing it (so without recursion):
+    strings dropped, then a running count of the brackets left."""
+    brackets = JSON_STRING.sub(b"", body).translate(None, NOT_BRACKETS)
+    if not brackets:
+        return 0
+    opens = np.frombuffer(brackets, np.uint8) & 2  # "[" and "{" have bit 1 set, "]" and "}" do not
+    return int(np.cumsum(opens.astype(np.int32) - 1).max())
+
+
+def check_json(body: bytes) -> None:
+    """Refuse, before json.loads, a body nested deeper than MAX_JSON_DEPTH. Deeper JSON sends the decoder (and the
+    prompt's rendering) deep into recursion: a RecursionError (a 500), and any garbage collection that runs down
+    there calls finalizers with no stack left (llama-cpp-python's samplers then fail to free their memory: a leak)."""
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+
+
+def check_text(data: Any, body: bytes) -> None:
+    """Refuse strings with lone surrogates, which JSON's \\ud800 escapes allow but UTF-8 cannot encode (a
+    UnicodeEncodeError, a 500, when they are tokenized). `body` tells whether there is such an escape at all."""
+    if not SURROGATE_ESCAPE.search(body):
+        return
+    try:
+        json.dumps(data, ensure_ascii=False).encode()  # json.loads joins valid surrogate pairs: only lone ones fail
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body has a string that is not valid Unicode (a lone surrogate)",
+                       code="invalid_json") from None
 
 
 def validation_error(exc: ValidationError) -> APIError:
@@ -485,10 +522,14 @@ def create_app(model: Model, *, api_key: str | None = None, reasoning_format: st
             body += chunk
             if len(body) > max_body_bytes:
                 raise too_big
+        check_json(body)
         try:
             data = json.loads(body)
         except ValueError as exc:
             raise APIError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+        except RecursionError:  # not expected after check_json; still a bad request, not a server error
+            raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
+        check_text(data, body)
         try:
             parsed = kind.model_validate(data)
         except ValidationError as exc:
