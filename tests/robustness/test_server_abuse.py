@@ -30,15 +30,13 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from localqwen import server
 from localqwen.constants import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
-from localqwen.convert import convert
 from localqwen.model import Model
 from localqwen.server import create_app
-from localqwen.synthetic import script_chain, write_chain_checkpoint
+from localqwen.synthetic import script_chain
+from tests.test_server import load_chain, running
 
 THINKING = "The user says hi, so a short greeting fits."
 ANSWER = "Hello! How can we help today?"
@@ -53,33 +51,6 @@ RSS_GROWTH_MB = 50  # the most a soak may add to the process's resident memory
 
 
 # --- servers -----------------------------------------------------------------------------------------------------
-
-def load_chain(tmp: Path, name: str, chain: list[int], n_ctx: int = 512) -> Model:
-    folder = write_chain_checkpoint(tmp / name, chain, shards=1)
-    (out := tmp / f"{name}-gguf").mkdir()
-    [path] = convert(str(folder), ["f16"], outdir=out, quiet=True)
-    # One thread: these models are tiny, and llama.cpp's thread barriers crawl on a busy 2-core machine.
-    return Model.load(path, n_ctx=n_ctx, gpu_layers=0, threads=1)
-
-
-@contextlib.contextmanager
-def running(app: FastAPI) -> Iterator[str]:
-    """The real uvicorn server in a thread, on a free loopback port."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
