@@ -19,6 +19,7 @@ import sys
 import _common as c
 import psutil
 
+from localqwen.backend import repacked_types
 from localqwen.model import GGML_KV_TYPE_IDS
 from localqwen.plan import plan_memory, read_shape
 
@@ -67,7 +68,7 @@ def main() -> None:
     rows = []
     with c.LoadWatch() as load:
         for n_ctx, kv_type, flash in CONFIGS:
-            plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash)
+            plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash, repack_types=repacked_types())
             row = {"n_ctx": n_ctx, "kv_type": kv_type, "flash_attn": flash, "planned_gib": round(plan.total / c.GiB, 3)}
             free = psutil.virtual_memory().available
             if plan.total > 0.85 * free:

@@ -37,6 +37,25 @@ def amx_repacking() -> bool:
     return "AMX_INT8 = 1" in system_info()
 
 
+@functools.cache
+def repacked_types() -> frozenset[int]:
+    """The ggml types whose matmul weights llama.cpp copies into a CPU extra buffer type on this machine, as
+    ggml-cpu/repack.cpp chooses them (the planner counts a tied output there as a second copy of token_embd)."""
+    from gguf import GGMLQuantizationType as T
+
+    info = system_info()
+    if amx_repacking() or "REPACK = 1" not in info:  # open_llama turns extra buffer types off on AMX hosts
+        return frozenset()
+    types: set[int] = set()
+    if "AVX2 = 1" in info:
+        types |= {T.Q4_0, T.Q4_K, T.IQ4_NL}
+    if "AVX512 = 1" in info:
+        types.add(T.Q2_K)
+    if "NEON = 1" in info and ("DOTPROD = 1" in info or "MATMUL_INT8 = 1" in info):
+        types |= {T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.Q8_0}
+    return frozenset(int(t) for t in types)
+
+
 @contextlib.contextmanager
 def _model_params(**overrides: Any) -> Iterator[None]:
     # llama_cpp.Llama exposes no argument for some llama_model_params fields; it reads the defaults from this

@@ -88,7 +88,8 @@ def plan_report(path: Path, n_ctx: int | str = "auto", *, kv_type: str = "f16", 
                                max_ctx=max_ctx)
 
     def largest(kv: str, flash_on: bool) -> int:
-        return largest_context(shape, memory.budget, kv_type=kv, flash_attn=flash_on, gpu_layers=plan.gpu_layers)
+        return largest_context(shape, memory.budget, kv_type=kv, flash_attn=flash_on, gpu_layers=plan.gpu_layers,
+                               repack_types=memory.repack_types)
 
     fits = plan.total_cpu <= memory.ram and (not plan.total_gpu or plan.total_gpu <= (memory.vram or 0))
     return {

@@ -11,6 +11,7 @@ import functools
 import shutil
 import subprocess
 import sys
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,23 @@ class ModelShape:
     layer_bytes: list[int]  # tensor data of blk.{i}.*
     other_bytes: int  # non-layer tensors in the file: token_embd, output_norm, output (absent when tied)
     n_ff: int = 0  # feed_forward_length; 0: unknown (4 * n_embd is assumed)
-    embd_bytes: int = 0  # non-layer tensors that always stay on the CPU (token_embd); 0: other_bytes - head_bytes
-    head_bytes: int = 0  # output_norm + output as llama.cpp holds them: a second copy of token_embd when tied
+    head_bytes: int = 0  # output_norm + output as stored in the file (no output tensor when tied)
+    tied_type: int | None = None  # ggml type of token_embd when it doubles as the output (tied embeddings)
 
     @property
-    def cpu_bytes(self) -> int:
-        return self.embd_bytes or self.other_bytes - self.head_bytes
+    def embd_bytes(self) -> int:
+        """token_embd: get_rows on it always runs on the CPU."""
+        return self.other_bytes - self.head_bytes
+
+    def head_copy(self, head_on_gpu: bool, repack_types: Collection[int]) -> int:
+        """Bytes of the second copy of token_embd llama.cpp makes to serve as a tied output.
+
+        create_tensor(..., TENSOR_DUPLICATED) reuses token_embd when the output lands in the same buffer type (the
+        plain CPU one); a GPU, or a CPU repack/AMX buffer type that takes the tensor's type, holds a real copy.
+        """
+        if self.tied_type is None:
+            return 0
+        return self.embd_bytes if head_on_gpu or self.tied_type in repack_types else 0
 
     @property
     def ff(self) -> int:
@@ -89,10 +101,7 @@ def _read_shape(path: Path, mtime_ns: int, size: int) -> ModelShape:
             layer_bytes[il] += nbytes
     weight_bytes = sum(sizes.values())
     other = weight_bytes - sum(layer_bytes)
-    head_in_file = sizes.get("output_norm.weight", 0) + sizes.get("output.weight", 0)
-    # create_tensor(..., TENSOR_DUPLICATED): a tied model gets `output` as a copy of token_embd. It shares the mapped
-    # file only while both stay in the plain CPU buffer; AMX/repack buffers and GPUs hold a real second copy.
-    head = head_in_file + (0 if "output.weight" in sizes else sizes["token_embd.weight"])
+    tied = "output.weight" not in sizes
     tokens = header.metadata.get("tokenizer.ggml.tokens")
     return ModelShape(
         n_layers=n_layers, n_embd=n_embd, n_head=n_head,
@@ -102,7 +111,8 @@ def _read_shape(path: Path, mtime_ns: int, size: int) -> ModelShape:
         n_ctx_train=int(_field(header, f"{arch}.context_length", path)),
         weight_bytes=weight_bytes, layer_bytes=layer_bytes, other_bytes=other,
         n_ff=int(_field(header, f"{arch}.feed_forward_length", path, 0)),
-        embd_bytes=other - head_in_file, head_bytes=head,
+        head_bytes=sizes.get("output_norm.weight", 0) + sizes.get("output.weight", 0),
+        tied_type=int(tensors["token_embd.weight"].type) if tied else None,
     )
 
 
@@ -177,8 +187,9 @@ def _compute_peaks(shape: ModelShape, n_kv: int, n_tokens: int, flash_attn: bool
 
 
 def plan_memory(shape: ModelShape, n_ctx: int, *, kv_type: str = "f16", flash_attn: bool = False, gpu_layers: int = 0,
-                n_batch: int = 512, n_ubatch: int = 512) -> MemoryPlan:
-    """Predict llama.cpp's buffers for one context. gpu_layers counts like n_gpu_layers (output layer first)."""
+                n_batch: int = 512, n_ubatch: int = 512, repack_types: Collection[int] = ()) -> MemoryPlan:
+    """Predict llama.cpp's buffers for one context. gpu_layers counts like n_gpu_layers (output layer first);
+    repack_types: the ggml types this CPU's extra buffer types take (backend.repacked_types())."""
     if kv_type not in KV_TYPES:
         raise LocalqwenError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
     if kv_type != "f16" and not flash_attn:  # llama_context: "quantized V cache ... requires Flash Attention"
@@ -206,10 +217,11 @@ def plan_memory(shape: ModelShape, n_ctx: int, *, kv_type: str = "f16", flash_at
     gpu_parts = [layer_peak if n_on_gpu else 0]
     (gpu_parts if head_on_gpu else cpu_parts).append(head_peak)
 
-    head, layers_gpu = shape.head_bytes, sum(shape.layer_bytes[il] for il in range(shape.n_layers) if on_gpu[il])
+    head = shape.head_bytes + shape.head_copy(head_on_gpu, repack_types)
+    layers_gpu = sum(shape.layer_bytes[il] for il in range(shape.n_layers) if on_gpu[il])
     return MemoryPlan(
         n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers, n_batch=n_batch, n_ubatch=n_ubatch,
-        weights_cpu=shape.cpu_bytes + sum(shape.layer_bytes) - layers_gpu + (0 if head_on_gpu else head),
+        weights_cpu=shape.embd_bytes + sum(shape.layer_bytes) - layers_gpu + (0 if head_on_gpu else head),
         weights_gpu=layers_gpu + (head if head_on_gpu else 0),
         kv_cpu=kv_layer * (shape.n_layers - n_on_gpu), kv_gpu=kv_layer * n_on_gpu,
         compute_cpu=max(cpu_parts), compute_gpu=max(gpu_parts),
@@ -243,12 +255,13 @@ def available_memory() -> tuple[int, int | None]:
 
 
 def largest_context(shape: ModelShape, budget_bytes: int, *, kv_type: str, flash_attn: bool, gpu_layers: int = 0,
-                    limit: int | None = None) -> int:
+                    limit: int | None = None, repack_types: Collection[int] = ()) -> int:
     """The largest n_ctx (a multiple of 256, at most limit and n_ctx_train) whose plan fits budget_bytes; 0 if none."""
     cap = min(limit or shape.n_ctx_train, shape.n_ctx_train)
 
     def fits(n: int) -> bool:
-        plan = plan_memory(shape, n, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers)
+        plan = plan_memory(shape, n, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers,
+                           repack_types=repack_types)
         return plan.total <= budget_bytes
 
     if cap < CTX_PAD:  # a tiny limit: llama.cpp pads it to 256 cells anyway
@@ -260,11 +273,13 @@ def largest_context(shape: ModelShape, budget_bytes: int, *, kv_type: str, flash
     return lo * CTX_PAD
 
 
-def auto_gpu_layers(shape: ModelShape, vram_bytes: int, n_ctx: int, kv_type: str, flash_attn: bool) -> int:
+def auto_gpu_layers(shape: ModelShape, vram_bytes: int, n_ctx: int, kv_type: str, flash_attn: bool,
+                    repack_types: Collection[int] = ()) -> int:
     """As many layers (n_gpu_layers: output layer first, up to n_layers + 1) as fit in VRAM with a reserve."""
     usable = vram_bytes - VRAM_RESERVE - int(vram_bytes * VRAM_RESERVE_FRACTION)
     for layers in range(shape.n_layers + 1, 0, -1):
-        plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=layers)
+        plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=layers,
+                           repack_types=repack_types)
         if plan.total_gpu <= usable:
             return layers
     return 0
@@ -278,13 +293,14 @@ class Memory:
     vram: int | None
     budget: int  # free VRAM when offloading, else free RAM, less a margin for the rest of the machine
     offload: bool
+    repack_types: frozenset[int] = frozenset()  # ggml types the CPU's extra buffer types take a copy of
 
 
 def choose_plan(shape: ModelShape, n_ctx: int | str = "auto", *, kv_type: str = "f16", flash_attn: bool | None = None,
                 gpu_layers: int | str = "auto", max_ctx: int | None = None) -> tuple[MemoryPlan, Memory]:
     """The settings Model.load uses: n_ctx "auto" is the largest context that fits (at most max_ctx), gpu_layers
     "auto" as many layers as fit in VRAM, flash attention on for a quantized KV cache unless told otherwise."""
-    from localqwen.backend import gpu_offload_supported
+    from localqwen.backend import gpu_offload_supported, repacked_types
 
     if kv_type not in KV_TYPES:
         raise LocalqwenError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
@@ -292,17 +308,19 @@ def choose_plan(shape: ModelShape, n_ctx: int | str = "auto", *, kv_type: str = 
     ram, vram = available_memory()
     offload = gpu_offload_supported() and bool(vram)
     budget = vram if offload and vram else ram
-    memory = Memory(ram, vram, budget - max(MIN_MEMORY_MARGIN, int(budget * MEMORY_MARGIN)), offload)
+    memory = Memory(ram, vram, budget - max(MIN_MEMORY_MARGIN, int(budget * MEMORY_MARGIN)), offload, repacked_types())
+    repack = memory.repack_types
     # llama.cpp counts the output layer as one more layer to offload.
     layers = (shape.n_layers + 1 if offload else 0) if gpu_layers == "auto" else int(gpu_layers)
     if n_ctx == "auto":
         limit = min(max_ctx or shape.n_ctx_train, shape.n_ctx_train)
         n_ctx = largest_context(shape, memory.budget, kv_type=kv_type, flash_attn=flash, gpu_layers=layers,
-                                limit=limit)
+                                limit=limit, repack_types=repack)
         if n_ctx == 0:
             raise LocalqwenError("not enough free memory for even a small context")
     elif isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 0 < n_ctx <= shape.n_ctx_train:
         raise LocalqwenError(f"context {n_ctx} must be between 1 and {shape.n_ctx_train}")
     if gpu_layers == "auto" and offload and vram:
-        layers = auto_gpu_layers(shape, vram, n_ctx, kv_type, flash)  # what does not fit stays on the CPU
-    return plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash, gpu_layers=layers), memory
+        layers = auto_gpu_layers(shape, vram, n_ctx, kv_type, flash, repack)  # what does not fit stays on the CPU
+    return plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash, gpu_layers=layers,
+                       repack_types=repack), memory

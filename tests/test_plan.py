@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from localqwen import plan as plan_module
+from localqwen.backend import open_llama, repacked_types
 from localqwen.convert import convert
 from localqwen.errors import LocalqwenError
 from localqwen.plan import (
@@ -29,9 +31,10 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # Qwen3-4B-Thinking-2507 as a Q4_K_M GGUF would describe it (tensor bytes approximate: ~2.5 GB in all).
 QWEN3_4B = ModelShape(
     n_layers=36, n_embd=2560, n_head=32, n_head_kv=8, head_dim_k=128, head_dim_v=128, n_vocab=151936,
-    n_ctx_train=262144, weight_bytes=2_180_000_000 + 319_000_000, layer_bytes=[60_555_556] * 36,
-    other_bytes=319_000_000, n_ff=9728, embd_bytes=319_000_000, head_bytes=319_010_240,
+    n_ctx_train=262144, weight_bytes=36 * 60_555_556 + 319_010_240, layer_bytes=[60_555_556] * 36,
+    other_bytes=319_010_240, n_ff=9728, head_bytes=10_240, tied_type=14,  # token_embd Q6_K, doubling as output
 )
+Q6_K = 14
 
 
 # --- arithmetic on the 4B shapes (no file, no llama.cpp) ---
@@ -81,14 +84,27 @@ def test_compute_buffer_grows_with_context_only_without_flash_attention() -> Non
 def test_gpu_split_moves_bytes_without_losing_any() -> None:
     n = QWEN3_4B.n_layers
     plans = [plan_memory(QWEN3_4B, 8192, gpu_layers=g) for g in range(n + 2)]
-    for p in plans:
-        assert p.weights_cpu + p.weights_gpu == plans[0].weights_cpu
+    copy = QWEN3_4B.embd_bytes  # the tied output on the GPU is a copy of token_embd, which stays on the CPU
+    for g, p in enumerate(plans):
+        assert p.weights_cpu + p.weights_gpu == plans[0].weights_cpu + (copy if g else 0)
         assert p.kv_cpu + p.kv_gpu == plans[0].kv_cpu
     assert plans[0].total_gpu == 0
-    assert plans[1].weights_gpu == QWEN3_4B.head_bytes and plans[1].kv_gpu == 0  # n_gpu_layers=1: the output layer
+    assert plans[0].weights_cpu == QWEN3_4B.weight_bytes  # on the CPU the tied output is token_embd itself
+    assert plans[1].weights_gpu == QWEN3_4B.head_bytes + copy and plans[1].kv_gpu == 0  # n_gpu_layers=1: the output
     assert plans[n + 1].kv_cpu == 0 and plans[n + 1].weights_cpu == QWEN3_4B.embd_bytes  # token_embd stays on CPU
     assert [p.total_gpu for p in plans] == sorted(p.total_gpu for p in plans)
     assert plan_memory(QWEN3_4B, 8192, gpu_layers=99).gpu_layers == n + 1
+
+
+def test_tied_output_is_copied_only_into_another_buffer_type() -> None:
+    plain = plan_memory(QWEN3_4B, 4096)
+    repacked = plan_memory(QWEN3_4B, 4096, repack_types={Q6_K})  # e.g. an ARM CPU with dot-product instructions
+    other = plan_memory(QWEN3_4B, 4096, repack_types={2, 12})  # Q4_0 and Q4_K only: the Q6_K output is not taken
+    assert repacked.weights_cpu - plain.weights_cpu == QWEN3_4B.embd_bytes
+    assert other.weights_cpu == plain.weights_cpu
+    untied = dataclasses.replace(QWEN3_4B, tied_type=None, head_bytes=319_010_240, other_bytes=638_010_240,
+                                 weight_bytes=QWEN3_4B.weight_bytes + 319_000_000)
+    assert plan_memory(untied, 4096, repack_types={Q6_K}).weights_cpu == untied.weight_bytes
 
 
 def test_to_dict_is_json_ready() -> None:
@@ -184,7 +200,7 @@ def test_read_shape_of_a_converted_model(attention_gguf: Path) -> None:
     assert shape.weight_bytes == sum(shape.layer_bytes) + shape.other_bytes
     embd = 151936 * 256 * 2  # f16 token_embd; tied, so no output.weight in the file
     assert shape.embd_bytes == embd and shape.other_bytes == embd + 256 * 4
-    assert shape.head_bytes == embd + 256 * 4  # output_norm + llama.cpp's copy of token_embd as `output`
+    assert shape.head_bytes == 256 * 4 and shape.tied_type == 1  # output_norm only; token_embd (f16) is the output
     assert read_shape(str(attention_gguf)) is shape  # cached
 
 
@@ -209,15 +225,13 @@ def captured_llama_log() -> Iterator[list[str]]:
 
 def measured_buffers(path: Path, n_ctx: int, kv_type: str, flash_attn: bool) -> dict[str, float]:
     """MiB per kind, summed over devices, as llama.cpp logs them while loading."""
-    import llama_cpp
 
     with captured_llama_log() as lines:
-        # use_mmap=False: the weights are then plain allocations whatever extra buffer types (AMX, repack) this CPU
-        # has. With mmap, llama.cpp logs the mapped file range *and* those copies, counting some tensors twice.
+        # Loaded as Model.load loads it, but use_mmap=False: the weights are then plain allocations. With mmap,
+        # llama.cpp logs the mapped file range *and* any repacked copies, counting those tensors twice.
         # op_offload=False keeps a GPU build from running big CPU-layer batches on the GPU (a GPU compute buffer).
-        llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_gpu_layers=0,
-                                flash_attn=flash_attn, type_k=GGML_TYPES[kv_type], type_v=GGML_TYPES[kv_type],
-                                use_mmap=False, op_offload=False, verbose=False)
+        llama = open_llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_gpu_layers=0, flash_attn=flash_attn,
+                           type_k=GGML_TYPES[kv_type], type_v=GGML_TYPES[kv_type], use_mmap=False, op_offload=False)
         assert llama.n_ctx() == plan_memory(read_shape(path), n_ctx, kv_type=kv_type, flash_attn=flash_attn).n_ctx
         llama.close()
     sizes = dict.fromkeys(("model", "KV", "compute", "output"), 0.0)
@@ -233,7 +247,7 @@ CONFIGS = [(n_ctx, kv_type, flash) for n_ctx in (512, 4096, 32768)
 @pytest.mark.parametrize(("n_ctx", "kv_type", "flash_attn"), [*CONFIGS, (262_144, "q4_0", True)])
 def test_plan_matches_llama_cpp(attention_gguf: Path, n_ctx: int, kv_type: str, flash_attn: bool) -> None:
     shape = read_shape(attention_gguf)
-    plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash_attn)
+    plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash_attn, repack_types=repacked_types())
     got = measured_buffers(attention_gguf, n_ctx, kv_type, flash_attn)
     pairs = {"model": plan.weights_cpu, "KV": plan.kv_cpu, "compute": plan.compute_cpu, "output": plan.output}
     for kind, planned in pairs.items():
