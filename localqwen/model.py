@@ -75,6 +75,9 @@ class Model:
         self.wrap_up_ids = llama.tokenize(self.wrap_up_text.encode(), add_bos=False, special=True)
         self._lock = threading.Lock()
         self._cancel = threading.Event()
+        # llama.cpp polls this between graph nodes; returning True aborts llama_decode (status 2). It is installed
+        # only while a prompt is evaluated: a Python call per node would cost decode speed.
+        self._abort_prompt = llama_cpp.ggml_abort_callback(lambda _data: self._cancel.is_set())
 
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int | str = "auto", kv_type: str = "f16", flash_attn: bool | None = None,
@@ -160,14 +163,34 @@ class Model:
         finally:
             self._lock.release()
 
+    def _set_abort(self, callback: Any) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_set_abort_callback(self.llama.ctx, callback, None)
+
     def _sample(self, tokens: list[int], options: Sampling) -> Iterator[int]:
-        """llama.cpp's sampled tokens after `tokens` (which grows as the caller appends); closed when abandoned."""
+        """llama.cpp's sampled tokens after `tokens` (which grows as the caller appends); closed when abandoned.
+
+        cancel() stops the prompt evaluation too: llama.cpp drops the unfinished batch from the KV cache, and the
+        batches already evaluated stay, so a retry of the same prompt resumes from them.
+        """
         stream = self.llama.generate(tokens, temp=options.temperature, top_p=options.top_p, top_k=options.top_k,
                                      min_p=options.min_p, presence_penalty=options.presence_penalty,
                                      repeat_penalty=1.0)
+        self._set_abort(self._abort_prompt)
+        evaluating = True
         try:
-            yield from stream
+            for token in stream:
+                if evaluating:  # the prompt is in: decoding one token at a time runs without the callback
+                    self._set_abort(None)
+                    evaluating = False
+                yield token
+        except RuntimeError:  # llama-cpp-python's "llama_decode returned 2": aborted by cancel()
+            if not (evaluating and self._cancel.is_set()):
+                raise
         finally:
+            if evaluating:
+                self._set_abort(None)
             stream.close()
             # Each generate() builds a native sampler (~1.75 MB) that Python would free only at a rare full garbage
             # collection; free it now so a busy server's memory stays flat.
@@ -180,7 +203,8 @@ class Model:
         with self._exclusive(wait):
             out = _Output(Stats(finish_reason="stop", prompt_tokens=len(tokens)), thinking)
             # llama.cpp keeps the KV cache of the longest common prefix with the previous generation (earlier turns).
-            out.stats.cached_prompt_tokens = min(common_prefix(self.llama.input_ids, tokens), len(tokens) - 1)
+            cached = self.llama.input_ids[: self.llama.n_tokens]  # the rest of the array is stale
+            out.stats.cached_prompt_tokens = min(common_prefix(cached, tokens), len(tokens) - 1)
             started, first_token_at = time.perf_counter(), None
             self.llama.set_seed(options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little"))
             sampling = True
@@ -195,10 +219,7 @@ class Model:
                 sampling = False
                 for token in self._sample(list(tokens), options):
                     first_token_at = first_token_at or time.perf_counter()
-                    if self._cancel.is_set():
-                        out.stats.finish_reason = "cancelled"
-                        break
-                    if token in self.end_ids:
+                    if self._cancel.is_set() or token in self.end_ids:
                         break
                     tokens.append(token)
                     yield from out.token(self.llama.detokenize([token]))
@@ -207,6 +228,9 @@ class Model:
                     if out.stats.completion_tokens >= limit or over_budget:
                         sampling = True  # back to the top: stop at the limit, or wrap up the thinking and go on
                         break
+                if self._cancel.is_set():  # during the prompt evaluation or between tokens
+                    out.stats.finish_reason = "cancelled"
+                    break
             yield from out.finish()
             out.stats.timings = timings(self.load_s, started, first_token_at, time.perf_counter(),
                                         out.stats.prompt_tokens - out.stats.cached_prompt_tokens,

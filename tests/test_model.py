@@ -195,6 +195,29 @@ def test_cancel_from_another_thread(scripted: tuple[Model, list[int]]) -> None:
     assert "".join(e.text for e in events if e.kind == "content") != ANSWER
 
 
+def test_cancel_stops_a_long_prompt_evaluation(gguf_files: dict[str, Path]) -> None:
+    model = Model.load(gguf_files["q8_0"], n_ctx=8192, gpu_layers=0)  # prompts are evaluated 512 tokens a batch
+    try:
+        prompt = [1000 + i % 5000 for i in range(6000)]
+        replies: list[Reply] = []
+        worker = threading.Thread(target=lambda: replies.append(Reply.collect(model.generate(prompt, max_tokens=4))))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while model.llama.n_tokens < 512 and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the first batch is in
+        model.cancel()
+        worker.join(60)
+        [reply] = replies
+        assert reply.stats.finish_reason == "cancelled" and reply.stats.completion_tokens == 0
+        kept = model.llama.n_tokens
+        assert 0 < kept < len(prompt) and kept % 512 == 0  # the unfinished batch was dropped, whole ones kept
+        again = Reply.collect(model.generate(prompt, max_tokens=4, **GREEDY))  # resumes from the kept batches
+        assert again.stats.cached_prompt_tokens == kept and again.stats.completion_tokens == 4
+        assert again.stats.finish_reason == "length"
+    finally:
+        model.close()
+
+
 def test_next_turn_reuses_the_cached_prefix(scripted: tuple[Model, list[int]]) -> None:
     model, _ = scripted
     first = run(model)
