@@ -112,7 +112,7 @@ def gguf_name(hf_name: str, name_map: gguf.TensorNameMap) -> str:
 class FloatGGUF:
     """A GGUF about to be written: metadata and tensor infos set, data streamed by write()."""
 
-    def __init__(self, checkpoint: Checkpoint, out_type: str, model_name: str | None = None) -> None:
+    def __init__(self, checkpoint: Checkpoint, out_type: str) -> None:
         tensor_type, file_type = FLOAT_TYPES[out_type]
         hp = checkpoint.hparams
         self.writer = gguf.GGUFWriter(None, GGUF_ARCH)
@@ -128,7 +128,7 @@ class FloatGGUF:
             self.tensors.append(streamed)
 
         total, shared, expert, expert_count = self.writer.get_total_parameter_count()
-        self.metadata = gguf.Metadata.load(None, checkpoint.folder, model_name, total)
+        self.metadata = gguf.Metadata.load(None, checkpoint.folder, None, total)
         if self.metadata.name is None:
             self.metadata.name = checkpoint.folder.name
         generation_config = checkpoint.folder / "generation_config.json"

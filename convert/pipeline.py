@@ -8,6 +8,7 @@ under its final name only when complete; nothing partial survives an error or Ct
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -43,21 +44,40 @@ def parse_quants(quants: Sequence[str]) -> list[str]:
     return chosen or [DEFAULT_QUANT]
 
 
-def resolve_source(source: str) -> tuple[Path, str | None]:
-    """A local folder as is; a hub repo id ("owner/name") downloaded (or found) in the shared HF cache."""
+@contextlib.contextmanager
+def source_folder(source: str) -> Iterator[Path]:
+    """A local folder as is; a hub repo id ("owner/name") downloaded (or found) in the shared HF cache and shown
+    under a folder named after the repository, so it converts to the same bytes as `localqwen pull` makes."""
     path = Path(source).expanduser()
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        return path, None
+        yield path
+        return
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(source, allow_patterns=HUB_FILES)), source.split("/")[1]
+        snapshot = Path(snapshot_download(source, allow_patterns=HUB_FILES))
     except LocalEntryNotFoundError:
         raise LocalqwenError(f"cannot download {source}: the hub is unreachable and the files are not cached. "
                              "Convert a local folder instead: localqwen convert PATH/TO/CHECKPOINT") from None
     except HfHubHTTPError as exc:
         raise LocalqwenError(f"cannot download {source}: {exc}".splitlines()[0]) from None
+    files = {file.relative_to(snapshot).as_posix(): file for file in snapshot.rglob("*") if file.is_file()}
+    with tempfile.TemporaryDirectory(prefix="localqwen-source-") as workspace:
+        yield linked_folder(Path(workspace), source, files)
+
+
+def linked_folder(workspace: Path, repo: str, files: dict[str, Path]) -> Path:
+    """`files` under workspace/<repo name> as links (no copies). gguf-py names the model after its folder, as
+    llama.cpp's converter does for a `hf download --local-dir` folder, never after a cache's commit hash."""
+    folder = workspace / repo.split("/")[-1]
+    try:
+        for name, path in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).symlink_to(path.resolve())
+    except OSError:  # no symlinks here (some Windows setups): the files' own folder then
+        return next(iter(files.values())).parent
+    return folder
 
 
 def intermediate_type(checkpoint: Checkpoint) -> str:
@@ -83,26 +103,26 @@ def convert(source: str = DEFAULT_REPO, quants: Sequence[str] = (DEFAULT_QUANT,)
     quants = parse_quants(quants)
     if outfile is not None and (outdir is not None or len(quants) > 1):
         raise LocalqwenError("--outfile names a single output: use it with one --quant and without --outdir")
-    folder, model_name = resolve_source(source)
-    checkpoint = load_checkpoint(folder)
-    base_type = intermediate_type(checkpoint)
-    float_files = {q: FloatGGUF(checkpoint, q, model_name) for q in dict.fromkeys(
-        [q for q in quants if q in FLOAT_TYPES] + [base_type])}
-    namer = float_files[base_type]
-    targets = {q: outfile or (outdir or Path.cwd()) / namer.file_name(q) for q in quants}
-    keep_base = keep_intermediate and base_type not in quants and any(q in QUANT_TYPES for q in quants)
-    if keep_base:
-        targets[base_type] = targets[quants[0]].parent / namer.file_name(base_type)
-    for target in targets.values():
-        check_writable_target(target, force=force)
-    for folder in {target.parent for target in targets.values()}:
-        remove_stale_partials(folder)  # the next run recovers from one that was killed
+    with source_folder(source) as folder:
+        checkpoint = load_checkpoint(folder)
+        base_type = intermediate_type(checkpoint)
+        float_files = {q: FloatGGUF(checkpoint, q) for q in dict.fromkeys(
+            [q for q in quants if q in FLOAT_TYPES] + [base_type])}
+        namer = float_files[base_type]
+        targets = {q: outfile or (outdir or Path.cwd()) / namer.file_name(q) for q in quants}
+        keep_base = keep_intermediate and base_type not in quants and any(q in QUANT_TYPES for q in quants)
+        if keep_base:
+            targets[base_type] = targets[quants[0]].parent / namer.file_name(base_type)
+        for target in targets.values():
+            check_writable_target(target, force=force)
+        for parent in {target.parent for target in targets.values()}:
+            remove_stale_partials(parent)  # the next run recovers from one that was killed
 
-    try:
-        with progress_bars(quiet) as bars:
-            return _write_all(float_files, base_type, targets, quants, bars)
-    except OSError as exc:
-        raise disk_error(exc, Path(exc.filename) if exc.filename else next(iter(targets.values())).parent) from exc
+        try:
+            with progress_bars(quiet) as bars:
+                return _write_all(float_files, base_type, targets, quants, bars)
+        except OSError as exc:
+            raise disk_error(exc, Path(exc.filename) if exc.filename else next(iter(targets.values())).parent) from exc
 
 
 def _write_all(float_files: dict[str, FloatGGUF], base_type: str, targets: dict[str, Path], quants: list[str],

@@ -218,19 +218,6 @@ def _workspace() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _source_folder(workspace: Path, repo: str, files: dict[str, Path]) -> Path:
-    """The verified files under a folder named after the repository (links, no copies): the converter names the
-    model after its folder, and reads exactly the files that were checked."""
-    folder = workspace / repo.split("/")[-1]
-    try:
-        for name, path in files.items():
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).symlink_to(path.resolve())
-    except OSError:  # no symlinks here (some Windows setups): convert from the snapshot folder itself
-        return next(iter(files.values())).parent
-    return folder
-
-
 def _place(made: Path, force: bool) -> Path:
     target = models_dir() / made.name
     if target.exists() and not force:
@@ -264,7 +251,7 @@ def pull(repo: str = DEFAULT_REPO, quants: Sequence[str] = (DEFAULT_QUANT,), *, 
     the GGUFs made are recorded with the versions of the tools that made them.
     """
     from localqwen.convert import convert
-    from localqwen.convert.pipeline import HUB_FILES, parse_quants
+    from localqwen.convert.pipeline import HUB_FILES, linked_folder, parse_quants
     from localqwen.hub import download_checkpoint
 
     quants = parse_quants(quants)
@@ -280,7 +267,7 @@ def pull(repo: str = DEFAULT_REPO, quants: Sequence[str] = (DEFAULT_QUANT,), *, 
     snapshot = download_checkpoint(repo, rev, HUB_FILES, quiet=quiet)
     measured = _check_sources(entry, lock, snapshot, complete=True, quiet=quiet)
     with _workspace() as workspace:
-        source = _source_folder(workspace, repo, snapshot.files)
+        source = linked_folder(workspace, repo, snapshot.files)
         (workspace / "out").mkdir()
         made = dict(zip(todo, convert(str(source), todo, outdir=workspace / "out", quiet=quiet), strict=True))
         pins = {path.name: _gguf_pin(path, quant, quiet) for quant, path in made.items()}

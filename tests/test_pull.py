@@ -115,6 +115,18 @@ def test_second_pull_needs_no_network(pulled: tuple[Path, Path, str], hub: Stand
     assert hub.repo_requests(REPO) == []
 
 
+def test_convert_of_a_repo_id_makes_the_bytes_pull_made(pulled: tuple[Path, Path, str], hub: StandInHub,
+                                                        tmp_path: Path) -> None:
+    hf_home, home, stdout = pulled
+    pulled_file = Path(stdout.strip())
+    result = localqwen("convert", REPO, "--quant", "q4_k_m", "--outdir", str(tmp_path), "--quiet", hub=hub,
+                       hf_home=hf_home, home=home, offline=True)  # from the HF cache the pull filled
+    assert result.returncode == 0, result.stderr
+    made = tmp_path / pulled_file.name  # named after the repository, not the cache's commit folder
+    assert sha256_file(made) == sha256_file(pulled_file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [made.name]
+
+
 def test_dropped_connection_resumes_with_a_range_request(hub: StandInHub, tmp_path: Path, source: Path) -> None:
     hub.drop_once[BIG] = 15_000_000
     result = localqwen("pull", REPO, "-q", "f16", hub=hub, hf_home=tmp_path / "hf", home=tmp_path / "home")
