@@ -31,7 +31,7 @@ import httpx
 import psutil
 import pytest
 
-from localqwen import server
+from localqwen import openai_api, server
 from localqwen.constants import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 from localqwen.model import Model
 from localqwen.server import create_app
@@ -207,7 +207,7 @@ HOSTILE = [
     ("deep-objects-100k-in-an-ignored-field", CHAT,
      raw(b'{"messages": [{"role": "user", "content": "Hi"}], "x": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000
          + b"}"), 400, "invalid_json", None),
-    ("deep-tool-parameters", CHAT, chat(tools=[tool_with_depth(server.MAX_JSON_DEPTH + 1)]), 400, "invalid_json",
+    ("deep-tool-parameters", CHAT, chat(tools=[tool_with_depth(openai_api.MAX_JSON_DEPTH + 1)]), 400, "invalid_json",
      None),
     ("tool-parameters-500-deep", CHAT, chat(tools=[tool_with_depth(500)]), 400, "invalid_json", None),  # was a 500
     ("deep-raw-prompt", TEXT, raw(b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"), 400, "invalid_json", None),
@@ -314,7 +314,7 @@ def test_declared_oversized_body_is_refused_before_it_is_sent(env: SimpleNamespa
 
 def test_json_nesting_up_to_the_limit_is_served(env: SimpleNamespace) -> None:
     # The depth limit refuses only what would break; a tool schema nested exactly that deep renders and runs.
-    body = {"messages": HI, "tools": [tool_with_depth(server.MAX_JSON_DEPTH)], **GREEDY}
+    body = {"messages": HI, "tools": [tool_with_depth(openai_api.MAX_JSON_DEPTH)], **GREEDY}
     reply = env.http.post(f"{env.open}{CHAT}", json=body)
     assert reply.status_code == 200, reply.text[:500]
     assert reply.json()["choices"][0]["message"]["content"] == ANSWER
