@@ -8,13 +8,11 @@ conversation (llama.cpp reuses the cached prefix); turns that no longer fit the 
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +22,20 @@ from rich.markdown import Markdown
 from rich.segment import Segment
 from rich.text import Text
 
+from localqwen.conversation import (
+    ChatSettings,
+    Message,
+    apply_set,
+    fit_context,
+    load_conversation,
+    save_conversation,
+    turns,
+    validate,
+)
 from localqwen.errors import LocalqwenError
 from localqwen.events import Event, Stats
 from localqwen.model import Model
-from localqwen.sampling import Sampling
 
-Message = dict[str, Any]
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "seed")
-LIMIT_KEYS = {"max_tokens": 1, "thinking_budget": 0}  # the smallest value each takes
-INT_KEYS = {"top_k", "seed", *LIMIT_KEYS}
 WARN_AT = 0.8  # share of the context in use after a reply that earns a warning
 HELP = """\
 /set KEY VALUE   temperature, top_p, top_k, min_p, presence_penalty, seed, max_tokens, thinking_budget
@@ -45,104 +48,6 @@ HELP = """\
 /bye             leave (or Ctrl+D)
 Alt+Enter (or Esc, Enter) starts a new line; \"\"\" opens and closes a multi-line message; Ctrl+C stops a reply."""
 
-
-@dataclass
-class ChatSettings:
-    system: str | None = None
-    hide_thinking: bool = False
-    verbose: bool = False
-    max_tokens: int | None = None
-    thinking_budget: int | None = None
-    sampling: dict[str, Any] = field(default_factory=dict)
-
-
-def validate(settings: ChatSettings, base: Sampling) -> ChatSettings:
-    """`settings` if every value is usable (sampling checked against `base`), else a LocalqwenError."""
-    for key, least in LIMIT_KEYS.items():
-        value = getattr(settings, key)
-        if value is not None and (type(value) is not int or value < least):
-            raise LocalqwenError(f"{key} must be a whole number of at least {least} (or default), got {value!r}")
-    if not (isinstance(settings.hide_thinking, bool) and isinstance(settings.verbose, bool)):
-        raise LocalqwenError("hide_thinking and verbose must be true or false")
-    if settings.system is not None and not isinstance(settings.system, str):
-        raise LocalqwenError("the system prompt must be text")
-    try:
-        base.with_overrides(**settings.sampling)
-    except TypeError:
-        raise LocalqwenError(f"sampling settings must be numbers, got {settings.sampling}") from None
-    return settings
-
-
-def apply_set(settings: ChatSettings, base: Sampling, arg: str) -> tuple[ChatSettings, str]:
-    """`/set ARG`: the changed settings, validated, and a confirmation."""
-    key, _, value = arg.strip().partition(" ")
-    value = value.strip()
-    new = replace(settings, sampling=dict(settings.sampling))
-    if key == "system":
-        new.system = value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value or None
-        return new, "system prompt set" if new.system else "system prompt cleared"
-    if key in ("thinking", "verbose"):
-        choices = {"show": False, "hide": True} if key == "thinking" else {"on": True, "off": False}
-        if value not in choices:
-            raise LocalqwenError(f"/set {key} takes {' or '.join(choices)}, got {value!r}")
-        setattr(new, "hide_thinking" if key == "thinking" else "verbose", choices[value])
-        return new, f"{key} {value}"
-    if key not in LIMIT_KEYS and key not in SAMPLING_KEYS:
-        raise LocalqwenError(f"unknown setting {key!r}: /help lists them" if key else "/set needs a setting: /help")
-    try:
-        number = None if value in ("default", "none") else (int if key in INT_KEYS else float)(value)
-    except ValueError:
-        raise LocalqwenError(f"{key} needs a {'whole ' * (key in INT_KEYS)}number, got {value!r}") from None
-    if key in LIMIT_KEYS:
-        setattr(new, key, number)
-    elif number is None:
-        new.sampling.pop(key, None)
-    else:
-        new.sampling[key] = number
-    return validate(new, base), f"{key} set to {'default' if number is None else number}"
-
-
-def save_conversation(path: Path, messages: list[Message], settings: ChatSettings) -> None:
-    data = {"system": settings.system, "messages": messages,
-            "settings": {k: v for k, v in asdict(settings).items() if k != "system"}}
-    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-
-
-def load_conversation(path: Path, base: Sampling) -> tuple[list[Message], ChatSettings]:
-    """What save_conversation wrote, validated."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise LocalqwenError(f"cannot read the file ({exc.strerror})", path) from None
-    except ValueError as exc:  # UnicodeDecodeError too
-        raise LocalqwenError(f"not a saved conversation ({exc})", path) from None
-    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
-        raise LocalqwenError('not a saved conversation (no "messages" list)', path)
-    for message in data["messages"]:
-        if not (isinstance(message, dict) and message.get("role") in ("user", "assistant", "tool")
-                and isinstance(message.get("content"), str)):
-            raise LocalqwenError(f"not a chat message: {json.dumps(message, ensure_ascii=False)[:80]}", path)
-    stored = data.get("settings") or {}
-    if not isinstance(stored, dict):
-        raise LocalqwenError('"settings" must be an object', path)
-    try:
-        settings = ChatSettings(system=data.get("system"), **{k: v for k, v in stored.items() if k != "system"})
-    except TypeError:
-        raise LocalqwenError(f"unknown settings in {sorted(stored)}", path) from None
-    return data["messages"], validate(settings, base)
-
-
-def fit_context(messages: list[Message], count: Callable[[list[Message]], int], n_ctx: int,
-                room: int) -> tuple[list[Message], int]:
-    """Drop the oldest whole turns (a user message and what followed it) until the prompt plus `room` tokens for the
-    reply fit `n_ctx`. `messages` ends with the new user message, which always stays; `count` measures a prompt, the
-    system prompt included. Returns the kept messages and how many turns went; nothing goes when even the new message
-    alone would not fit (the model then says so)."""
-    kept, dropped = messages, 0
-    while len(kept) > 1 and count(kept) + room > n_ctx:
-        kept = kept[next(i for i in range(1, len(kept)) if kept[i].get("role") == "user"):]
-        dropped += 1
-    return (kept, dropped) if count(kept) < n_ctx else (messages, 0)
 
 
 class Tail:
@@ -407,9 +312,6 @@ class ChatSession:
             signal.signal(signal.SIGINT, previous)
 
 
-def turns(messages: list[Message]) -> str:
-    n = sum(m["role"] == "user" for m in messages)
-    return f"{n} turn{'' if n == 1 else 's'}"
 
 
 def read_message(session: Any) -> tuple[str, bool]:

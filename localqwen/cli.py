@@ -157,7 +157,8 @@ def run_command(model: Any, prompt: str | None, system: str | None, max_tokens: 
 def chat_command(model: Any, system: str | None, max_tokens: int | None, thinking_budget: int | None,
                  hide_thinking: bool, verbose: bool, **sampling: Any) -> None:
     """Chat in the terminal: thinking shown apart, /help for commands, Ctrl+D or /bye to leave."""
-    from localqwen.chat import ChatSettings, chat_repl
+    from localqwen.chat import chat_repl
+    from localqwen.conversation import ChatSettings
 
     chat_repl(model, ChatSettings(system=system, hide_thinking=hide_thinking, verbose=verbose, max_tokens=max_tokens,
                                   thinking_budget=thinking_budget,

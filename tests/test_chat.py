@@ -22,17 +22,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from localqwen.chat import (
-    ChatSession,
-    ChatSettings,
-    apply_set,
-    chat_repl,
-    fit_context,
-    load_conversation,
-    read_message,
-    save_conversation,
-)
+from localqwen.chat import ChatSession, chat_repl, read_message
 from localqwen.constants import THINK_CLOSE_ID
+from localqwen.conversation import ChatSettings, apply_set, fit_context, load_conversation, save_conversation
 from localqwen.convert import convert
 from localqwen.errors import LocalqwenError
 from localqwen.model import Model
