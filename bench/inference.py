@@ -17,7 +17,6 @@ different window of the corpus: no KV reuse between runs), and ratios are taken 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import socket
@@ -188,6 +187,38 @@ class Server:
                 "tokens_per_s": (completion - 1) / (last - first) if last > first else 0.0, "text": "".join(parts)}
 
 
+def python_overhead(model: Model, prompt: list[int], n: int, seed: int) -> dict[str, Any]:
+    """Model.generate's own cost per token: its wall time minus the time spent inside llama.cpp's decode and
+    sampling calls. Unlike the ratios above it does not depend on the machine's mood."""
+    import llama_cpp.llama_cpp as native
+
+    inside = [0.0]
+    originals = {name: getattr(native, name) for name in ("llama_decode", "llama_sampler_sample")}
+
+    def timed(fn: Any) -> Any:
+        def call(*args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                inside[0] += time.perf_counter() - started
+        return call
+
+    for name, fn in originals.items():
+        setattr(native, name, timed(fn))
+    try:
+        started = time.perf_counter()
+        stats = [e.stats for e in model.generate(prompt, max_tokens=n, answer_reserve=0, seed=seed) if e.stats][-1]
+        wall = time.perf_counter() - started
+    finally:
+        for name, fn in originals.items():
+            setattr(native, name, fn)
+    per_token_us = (wall - inside[0]) / stats.completion_tokens * 1e6
+    step_ms = stats.timings["generation_s"] / max(stats.completion_tokens - 1, 1) * 1e3
+    return {"completion_tokens": stats.completion_tokens, "python_us_per_token": round(per_token_us, 1),
+            "decode_step_ms": round(step_ms, 2), "python_share_pct": round(per_token_us / (step_ms * 10), 3)}
+
+
 # --- the benchmark ---------------------------------------------------------------------------------------------
 
 def prompt_windows(model: Model, n_tokens: int, rounds: int) -> list[list[int]]:
@@ -245,9 +276,6 @@ def main() -> None:
     sampling = model.sampling
     windows = prompt_windows(model, args.prompt_tokens, args.reps)
     fronts = ["api"] + [f for f in ("cli", "server") if f not in args.skip]
-    server_todo = "server" in fronts and importlib.util.find_spec("localqwen.server") is None
-    if server_todo:
-        fronts.remove("server")
     server = Server(path, args.ctx, args.threads) if "server" in fronts else None
     rounds: list[dict[str, Any]] = []
     with c.LoadWatch() as load, contextlib.ExitStack() as cleanup:
@@ -287,6 +315,7 @@ def main() -> None:
                       f"{mine['prompt_tokens_per_s']:6.1f} tok/s (raw {base['prompt_tokens_per_s']:6.1f})  ttft "
                       f"{mine['ttft_s']:.2f} s", flush=True)
             rounds.append(entry)
+        overhead = python_overhead(model, windows[0][:64], 64, seed=7)
     raw.close()
     model.close()
 
@@ -310,19 +339,19 @@ def main() -> None:
             row["load_s"] = round(c.median([r["load_s"] for r in runs]), 3)
             row["process_wall_s"] = round(c.median([r["wall_s"] for r in runs]), 2)
         rows.append(row)
-    if server_todo:
-        rows.append({"front_end": "localqwen serve (stream): TODO, localqwen.server does not exist yet"})
     columns = ["front_end", "decode_tok_s", "x_raw_decode", "prefill_tok_s", "x_raw_prefill", "ttft_s", "x_raw_ttft",
                "load_s"]
     print()
     print(c.table(rows, columns, f"{path.name}: {args.prompt_tokens}-token prompt, "
                                  f"{n} tokens, {args.threads} threads, ctx {args.ctx}, median of {args.reps} rounds"))
+    print(f"Model.generate's own cost: {overhead['python_us_per_token']} us per token, "
+          f"{overhead['python_share_pct']}% of a {overhead['decode_step_ms']} ms decode step")
     c.save("inference", args.shape, {
         "machine": info, "load": load.summary(), "shape": args.shape, "gguf": str(path), "quant": args.quant,
         "prompt_tokens": args.prompt_tokens, "gen_tokens": n, "threads": args.threads, "ctx": args.ctx,
         "reps": args.reps, "plan": model.plan.to_dict(), "sampling": sampling.to_dict(), "loads_s": loads,
-        "server": "todo: localqwen.server missing" if server_todo else ("skipped" if "server" in args.skip else "run"),
-        "summary": rows, "rounds": rounds})
+        "server": "skipped" if "server" in args.skip else "run", "summary": rows, "python_overhead": overhead,
+        "rounds": rounds})
 
 
 if __name__ == "__main__":

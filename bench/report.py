@@ -108,6 +108,17 @@ def section(title: str, data: dict | None, rows_key: str, columns: list[str], ex
     return f"### {title}\n\n{machine_line(data)}.{extra}\n\n{c.table(rows, columns)}\n"
 
 
+def python_overhead_line(inf: dict | None) -> str:
+    cost = (inf or {}).get("python_overhead")
+    if not cost:
+        return ""
+    return (f"\nModel.generate's own cost, measured directly (its wall time minus the time inside llama.cpp's decode "
+            f"and sampling calls, {cost['completion_tokens']} tokens): **{cost['python_us_per_token']} us per token, "
+            f"{cost['python_share_pct']}% of a {cost['decode_step_ms']} ms decode step**. That is all "
+            "the API can lose to the raw loop; the ratios above move by more than that from one run to the next "
+            "on this machine.\n")
+
+
 def markdown(shape: str, results: dict[str, dict | None], plotted: bool) -> str:
     conv, quant, inf, plan, qual = (results[k] for k in ("conversion", "quantization", "inference", "memory_plan",
                                                           "quality"))
@@ -128,7 +139,8 @@ def markdown(shape: str, results: dict[str, dict | None], plotted: bool) -> str:
                         "x_raw_ttft", "load_s"],
                        f" `{Path(inf['gguf']).name}`, {inf['prompt_tokens']}-token prompt, {inf['gen_tokens']} "
                        f"generated tokens, {inf['threads']} threads, n_ctx {inf['ctx']}, median of {inf['reps']} "
-                       "alternating rounds; ratios are taken within a round (x > 1: faster than raw)." if inf else ""))
+                       "alternating rounds; ratios are taken within a round (x > 1: faster than raw)." if inf else "")
+               + python_overhead_line(inf))
     out.append(section("Memory plan: planned vs allocated", plan, "rows",
                        ["n_ctx", "kv_type", "flash_attn", "planned_gib", "measured_gib", "error_pct",
                         "model_planned_mib", "model_measured_mib", "compute_planned_mib", "compute_measured_mib",
