@@ -163,9 +163,10 @@ class Model:
         finally:
             self._lock.release()
 
-    def _set_abort(self, callback: Any) -> None:
+    def _set_abort(self, on: bool) -> None:
         import llama_cpp
 
+        callback = self._abort_prompt if on else llama_cpp.ggml_abort_callback()  # no argument: a NULL pointer
         llama_cpp.llama_set_abort_callback(self.llama.ctx, callback, None)
 
     def _sample(self, tokens: list[int], options: Sampling) -> Iterator[int]:
@@ -177,12 +178,12 @@ class Model:
         stream = self.llama.generate(tokens, temp=options.temperature, top_p=options.top_p, top_k=options.top_k,
                                      min_p=options.min_p, presence_penalty=options.presence_penalty,
                                      repeat_penalty=1.0)
-        self._set_abort(self._abort_prompt)
+        self._set_abort(True)
         evaluating = True
         try:
             for token in stream:
                 if evaluating:  # the prompt is in: decoding one token at a time runs without the callback
-                    self._set_abort(None)
+                    self._set_abort(False)
                     evaluating = False
                 yield token
         except RuntimeError:  # llama-cpp-python's "llama_decode returned 2": aborted by cancel()
@@ -190,7 +191,7 @@ class Model:
                 raise
         finally:
             if evaluating:
-                self._set_abort(None)
+                self._set_abort(False)
             stream.close()
             # Each generate() builds a native sampler (~1.75 MB) that Python would free only at a rare full garbage
             # collection; free it now so a busy server's memory stays flat.
