@@ -31,7 +31,11 @@ from .errors import LocalqwenError
 
 @dataclass(frozen=True)
 class QwenShape:
-    """The config.json numbers that decide tensor shapes."""
+    """The config.json numbers that decide tensor shapes.
+
+    The same fields as the converter's Hparams, on purpose kept apart: this module writes the checkpoints the
+    converter is tested on, so it must not share the converter's reading of them (nor its expected_shapes).
+    """
 
     hidden_size: int
     intermediate_size: int
