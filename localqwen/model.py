@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from localqwen.backend import open_llama
+from localqwen.backend import CancelFlag, open_llama
 from localqwen.constants import (
     DEFAULT_MAX_TOKENS,
     ENDOFTEXT_ID,
@@ -74,10 +74,7 @@ class Model:
         self.wrap_up_text = "\n\n" + THINKING_BUDGET_WRAP_UP + THINK_CLOSE + "\n\n"
         self.wrap_up_ids = llama.tokenize(self.wrap_up_text.encode(), add_bos=False, special=True)
         self._lock = threading.Lock()
-        self._cancel = threading.Event()
-        # llama.cpp polls this between graph nodes; returning True aborts llama_decode (status 2). It is installed
-        # only while a prompt is evaluated: a Python call per node would cost decode speed.
-        self._abort_prompt = llama_cpp.ggml_abort_callback(lambda _data: self._cancel.is_set())
+        self._cancel = CancelFlag(llama.ctx)  # also read by llama.cpp: llama_decode stops mid-batch when set
 
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int | str = "auto", kv_type: str = "f16", flash_attn: bool | None = None,
@@ -163,12 +160,6 @@ class Model:
         finally:
             self._lock.release()
 
-    def _set_abort(self, on: bool) -> None:
-        import llama_cpp
-
-        callback = self._abort_prompt if on else llama_cpp.ggml_abort_callback()  # no argument: a NULL pointer
-        llama_cpp.llama_set_abort_callback(self.llama.ctx, callback, None)
-
     def _sample(self, tokens: list[int], options: Sampling) -> Iterator[int]:
         """llama.cpp's sampled tokens after `tokens` (which grows as the caller appends); closed when abandoned.
 
@@ -178,20 +169,12 @@ class Model:
         stream = self.llama.generate(tokens, temp=options.temperature, top_p=options.top_p, top_k=options.top_k,
                                      min_p=options.min_p, presence_penalty=options.presence_penalty,
                                      repeat_penalty=1.0)
-        self._set_abort(True)
-        evaluating = True
         try:
-            for token in stream:
-                if evaluating:  # the prompt is in: decoding one token at a time runs without the callback
-                    self._set_abort(False)
-                    evaluating = False
-                yield token
+            yield from stream
         except RuntimeError:  # llama-cpp-python's "llama_decode returned 2": aborted by cancel()
-            if not (evaluating and self._cancel.is_set()):
+            if not self._cancel.is_set():
                 raise
         finally:
-            if evaluating:
-                self._set_abort(False)
             stream.close()
             # Each generate() builds a native sampler (~1.75 MB) that Python would free only at a rare full garbage
             # collection; free it now so a busy server's memory stays flat.
