@@ -5,7 +5,10 @@
 "raw" drives llama.cpp through its C API (llama_decode on a batch, the same sampler chain in C: top_k, top_p,
 min_p, temperature, dist with the same seed) over a context opened with the same parameters and threads as
 localqwen's. Each round runs raw, API, CLI (and server) alternately on a fresh prompt of the same length (a
-different window of the corpus: no KV reuse between runs), and ratios are taken within a round.
+different window of the corpus: no KV reuse between runs), and ratios are taken within a round, each front end
+against a raw run next to it. The API and its raw run swap places every other round (the second run of a pair
+tends to be the slower one on this machine); the CLI and the server go first, because their raw replay needs
+their counts.
 
 - API: Model.generate(prompt_tokens, max_tokens=N, answer_reserve=0): exactly N sampled tokens.
 - CLI: `localqwen run --json --max-tokens N` (a new process: startup + load + the chat path). The chat path keeps
@@ -286,10 +289,14 @@ def main() -> None:
             text, chat_prompt = chat_text(model, window, args.prompt_tokens)
             order = fronts[rep % len(fronts):] + fronts[:rep % len(fronts)]
             entry: dict[str, Any] = {"rep": rep, "loadavg": round(os.getloadavg()[0], 2)}
-            for front in order:  # each front end right after its own raw run: pairs share the machine's mood
-                if front == "api":
-                    base = raw.generate(window, n, sampling, seed)
-                    mine = api_run(model, window, n, seed)
+            for front in order:  # each front end next to its own raw run: pairs share the machine's mood
+                if front == "api":  # the second run of a pair tends to be slower here: alternate who goes first
+                    if rep % 2:
+                        mine = api_run(model, window, n, seed)
+                        base = raw.generate(window, n, sampling, seed)
+                    else:
+                        base = raw.generate(window, n, sampling, seed)
+                        mine = api_run(model, window, n, seed)
                     # llama-cpp-python keeps the evaluated tokens (all but the last sampled one): same sampler, seed?
                     mine["same_tokens_as_raw"] = model.llama._input_ids[len(window):].tolist() == base["tokens"][:-1]
                 elif front == "cli":
