@@ -1,6 +1,6 @@
 """Inference speed: localqwen's Python API, CLI and server against a raw llama.cpp loop on the same GGUF.
 
-    python bench/inference.py --shape 4b --reps 3            # Q4_K_M, 512-token prompt, 128 generated tokens
+    python bench/inference.py --shape 4b --reps 4            # Q4_K_M, 512-token prompt, 128 generated tokens
 
 "raw" drives llama.cpp through its C API (llama_decode on a batch, the same sampler chain in C: top_k, top_p,
 min_p, temperature, dist with the same seed) over a context opened with the same parameters and threads as
