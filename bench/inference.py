@@ -255,7 +255,7 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=128, help="tokens to generate")
     p.add_argument("--ctx", type=int, default=4096)
     p.add_argument("--threads", type=int, default=default_threads())
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=4, help="rounds (even: the API and its raw run swap order)")
     p.add_argument("--skip", nargs="*", default=[], choices=["cli", "server"])
     args = p.parse_args()
     path = Path(args.gguf) if args.gguf else c.gguf(args.shape, args.quant, args.workdir)
