@@ -45,26 +45,18 @@ def parse_quants(quants: Sequence[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def source_folder(source: str) -> Iterator[Path]:
+def source_folder(source: str, *, quiet: bool = False) -> Iterator[Path]:
     """A local folder as is; a hub repo id ("owner/name") downloaded (or found) in the shared HF cache and shown
     under a folder named after the repository, so it converts to the same bytes as `localqwen pull` makes."""
     path = Path(source).expanduser()
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
         yield path
         return
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from localqwen.hub import download_checkpoint
 
-    try:
-        snapshot = Path(snapshot_download(source, allow_patterns=HUB_FILES))
-    except LocalEntryNotFoundError:
-        raise LocalqwenError(f"cannot download {source}: the hub is unreachable and the files are not cached. "
-                             "Convert a local folder instead: localqwen convert PATH/TO/CHECKPOINT") from None
-    except HfHubHTTPError as exc:
-        raise LocalqwenError(f"cannot download {source}: {exc}".splitlines()[0]) from None
-    files = {file.relative_to(snapshot).as_posix(): file for file in snapshot.rglob("*") if file.is_file()}
+    snapshot = download_checkpoint(source, "main", HUB_FILES, quiet=quiet)
     with tempfile.TemporaryDirectory(prefix="localqwen-source-") as workspace:
-        yield linked_folder(Path(workspace), source, files)
+        yield linked_folder(Path(workspace), source, snapshot.files)
 
 
 def linked_folder(workspace: Path, repo: str, files: dict[str, Path]) -> Path:
@@ -103,7 +95,7 @@ def convert(source: str = DEFAULT_REPO, quants: Sequence[str] = (DEFAULT_QUANT,)
     quants = parse_quants(quants)
     if outfile is not None and (outdir is not None or len(quants) > 1):
         raise LocalqwenError("--outfile names a single output: use it with one --quant and without --outdir")
-    with source_folder(source) as folder:
+    with source_folder(source, quiet=quiet) as folder:
         checkpoint = load_checkpoint(folder)
         base_type = intermediate_type(checkpoint)
         float_files = {q: FloatGGUF(checkpoint, q) for q in dict.fromkeys(
