@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from gguf import GGMLQuantizationType
 
 from localqwen import plan as plan_module
 from localqwen.backend import open_llama, repacked_types
@@ -28,13 +29,13 @@ from localqwen.synthetic import QwenShape, write_checkpoint
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
+Q4_0, Q4_K, Q6_K = int(GGMLQuantizationType.Q4_0), int(GGMLQuantizationType.Q4_K), int(GGMLQuantizationType.Q6_K)
 # Qwen3-4B-Thinking-2507 as a Q4_K_M GGUF would describe it (tensor bytes approximate: ~2.5 GB in all).
 QWEN3_4B = ModelShape(
     n_layers=36, n_embd=2560, n_head=32, n_head_kv=8, head_dim_k=128, head_dim_v=128, n_vocab=151936,
     n_ctx_train=262144, weight_bytes=36 * 60_555_556 + 319_010_240, layer_bytes=[60_555_556] * 36,
-    other_bytes=319_010_240, n_ff=9728, head_bytes=10_240, tied_type=14,  # token_embd Q6_K, doubling as output
+    other_bytes=319_010_240, n_ff=9728, head_bytes=10_240, tied_type=Q6_K,  # token_embd, doubling as the output
 )
-Q6_K = 14
 
 
 # --- arithmetic on the 4B shapes (no file, no llama.cpp) ---
@@ -99,7 +100,7 @@ def test_gpu_split_moves_bytes_without_losing_any() -> None:
 def test_tied_output_is_copied_only_into_another_buffer_type() -> None:
     plain = plan_memory(QWEN3_4B, 4096)
     repacked = plan_memory(QWEN3_4B, 4096, repack_types={Q6_K})  # e.g. an ARM CPU with dot-product instructions
-    other = plan_memory(QWEN3_4B, 4096, repack_types={2, 12})  # Q4_0 and Q4_K only: the Q6_K output is not taken
+    other = plan_memory(QWEN3_4B, 4096, repack_types={Q4_0, Q4_K})  # x86 AVX2: the Q6_K output is not taken
     assert repacked.weights_cpu - plain.weights_cpu == QWEN3_4B.embd_bytes
     assert other.weights_cpu == plain.weights_cpu
     untied = dataclasses.replace(QWEN3_4B, tied_type=None, head_bytes=319_010_240, other_bytes=638_010_240,
