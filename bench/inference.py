@@ -31,7 +31,8 @@ from typing import Any
 import _common as c
 
 from localqwen.backend import open_llama
-from localqwen.model import DEFAULT_ANSWER_RESERVE, GGML_KV_TYPE_IDS, Model, default_threads
+from localqwen.generation import DEFAULT_ANSWER_RESERVE
+from localqwen.model import GGML_KV_TYPE_IDS, Model, default_threads
 
 # --- the raw llama.cpp loop ------------------------------------------------------------------------------------
 
@@ -226,7 +227,7 @@ def python_overhead(model: Model, prompt: list[int], n: int, seed: int) -> dict[
 
 def prompt_windows(model: Model, n_tokens: int, rounds: int) -> list[list[int]]:
     """Distinct n_tokens-long windows of the corpus (repeated if short), one per round."""
-    tokens = model.llama.tokenize(c.corpus().encode(), add_bos=False, special=False)
+    tokens = model.tokenize(c.corpus())
     while len(tokens) < n_tokens + 64 * rounds:
         tokens += tokens
     return [tokens[64 * i:64 * i + n_tokens] for i in range(rounds)]
@@ -235,7 +236,7 @@ def prompt_windows(model: Model, n_tokens: int, rounds: int) -> list[list[int]]:
 def chat_text(model: Model, window: list[int], n_tokens: int) -> tuple[str, list[int]]:
     """A user message whose chat prompt is about n_tokens long, and that prompt's tokens."""
     overhead = len(model.tokenize_chat([{"role": "user", "content": "x"}])) - 1
-    text = model.llama.detokenize(window[:n_tokens - overhead]).decode("utf-8", "replace")
+    text = model.detokenize(window[:n_tokens - overhead])
     return text, model.tokenize_chat([{"role": "user", "content": text}])
 
 

@@ -14,30 +14,13 @@ from typing import Any
 
 from gguf.utility import LocalTensor, SafetensorsLocal
 
-from localqwen.constants import SUPPORTED_ARCHITECTURES
-from localqwen.errors import LocalqwenError
+from localqwen.constants import SUPPORTED_ARCHITECTURES, Hparams, expected_shapes
+from localqwen.errors import CheckpointError
 
 SAFETENSORS_DTYPE_SIZES = {"BF16": 2, "F16": 2, "F32": 4}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-@dataclass(frozen=True)
-class Hparams:
-    """The config.json values the conversion needs, in one place and already checked."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    max_position_embeddings: int
-    rms_norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
 
 
 @dataclass(frozen=True)
@@ -52,9 +35,9 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise LocalqwenError("file not found", path) from None
+        raise CheckpointError("file not found", path) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LocalqwenError(f"not valid JSON ({exc})", path) from None
+        raise CheckpointError(f"not valid JSON ({exc})", path) from None
 
 
 def read_hparams(config: dict[str, Any], path: Path) -> Hparams:
@@ -63,8 +46,8 @@ def read_hparams(config: dict[str, Any], path: Path) -> Hparams:
         architectures = [architectures]
     if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
         found = ", ".join(map(str, architectures)) or "none"
-        raise LocalqwenError(f"architecture {found} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
-                             path)
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise CheckpointError(f"architecture {found} is not supported (supported: {supported})", path)
     # transformers 5.x moved rope_theta under rope_parameters; accept both styles.
     rope_parameters = config.get("rope_parameters")
     if not isinstance(rope_parameters, dict):
@@ -83,42 +66,15 @@ def read_hparams(config: dict[str, Any], path: Path) -> Hparams:
     for key, value in values.items():
         if key == "tie_word_embeddings":
             if not isinstance(value, bool):
-                raise LocalqwenError(f"{key} must be true or false, got {value!r}", path)
+                raise CheckpointError(f"{key} must be true or false, got {value!r}", path)
         elif key in ("rms_norm_eps", "rope_theta"):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise LocalqwenError(f"{key} must be a positive number, got {value!r}", path)
+                raise CheckpointError(f"{key} must be a positive number, got {value!r}", path)
         elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise LocalqwenError(f"{key} must be a positive integer, got {value!r}", path)
+            raise CheckpointError(f"{key} must be a positive integer, got {value!r}", path)
     if values["num_attention_heads"] % values["num_key_value_heads"]:
-        raise LocalqwenError("num_attention_heads must be a multiple of num_key_value_heads", path)
+        raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads", path)
     return Hparams(**values)
-
-
-def expected_shapes(hp: Hparams) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Qwen3ForCausalLM checkpoint must hold, with the shape config.json implies."""
-    q_dim, kv_dim = hp.num_attention_heads * hp.head_dim, hp.num_key_value_heads * hp.head_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (hp.vocab_size, hp.hidden_size),
-        "model.norm.weight": (hp.hidden_size,),
-    }
-    if not hp.tie_word_embeddings:
-        shapes["lm_head.weight"] = (hp.vocab_size, hp.hidden_size)
-    for i in range(hp.num_hidden_layers):
-        layer = f"model.layers.{i}"
-        shapes |= {
-            f"{layer}.input_layernorm.weight": (hp.hidden_size,),
-            f"{layer}.self_attn.q_proj.weight": (q_dim, hp.hidden_size),
-            f"{layer}.self_attn.k_proj.weight": (kv_dim, hp.hidden_size),
-            f"{layer}.self_attn.v_proj.weight": (kv_dim, hp.hidden_size),
-            f"{layer}.self_attn.o_proj.weight": (hp.hidden_size, q_dim),
-            f"{layer}.self_attn.q_norm.weight": (hp.head_dim,),
-            f"{layer}.self_attn.k_norm.weight": (hp.head_dim,),
-            f"{layer}.post_attention_layernorm.weight": (hp.hidden_size,),
-            f"{layer}.mlp.gate_proj.weight": (hp.intermediate_size, hp.hidden_size),
-            f"{layer}.mlp.up_proj.weight": (hp.intermediate_size, hp.hidden_size),
-            f"{layer}.mlp.down_proj.weight": (hp.hidden_size, hp.intermediate_size),
-        }
-    return shapes
 
 
 def shard_files(folder: Path) -> dict[Path, set[str]]:
@@ -127,20 +83,20 @@ def shard_files(folder: Path) -> dict[Path, set[str]]:
     if not index_path.exists():
         single = folder / SINGLE_FILE
         if not single.exists():
-            raise LocalqwenError(f"no {INDEX_FILE} or {SINGLE_FILE}: not a safetensors checkpoint", folder)
+            raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE}: not a safetensors checkpoint", folder)
         return {single: set()}
     index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise LocalqwenError("has no weight_map", index_path)
+        raise CheckpointError("has no weight_map", index_path)
     shards: dict[Path, set[str]] = {}
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or Path(shard).name != shard:
-            raise LocalqwenError(f"weight_map entry {name!r} names an invalid shard {shard!r}", index_path)
+            raise CheckpointError(f"weight_map entry {name!r} names an invalid shard {shard!r}", index_path)
         shards.setdefault(folder / shard, set()).add(name)
     for path in shards:
         if not path.is_file():
-            raise LocalqwenError(f"shard listed in {INDEX_FILE} is missing", path)
+            raise CheckpointError(f"shard listed in {INDEX_FILE} is missing", path)
     return dict(sorted(shards.items()))
 
 
@@ -149,35 +105,35 @@ def read_shard(path: Path) -> dict[str, LocalTensor]:
         tensors = SafetensorsLocal(path).tensors
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
         # gguf-py's parser trusts the header's JSON layout; any surprise in it is a corrupt header.
-        raise LocalqwenError(f"corrupt safetensors header ({exc})", path) from None
+        raise CheckpointError(f"corrupt safetensors header ({exc})", path) from None
     size = path.stat().st_size
     for name, tensor in tensors.items():
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in tensor.shape):
-            raise LocalqwenError(f"tensor {name} has an invalid shape {list(tensor.shape)}", path)
+            raise CheckpointError(f"tensor {name} has an invalid shape {list(tensor.shape)}", path)
         if not isinstance(tensor.data_range.size, int) or tensor.data_range.offset < 8:
-            raise LocalqwenError(f"tensor {name} has invalid data_offsets", path)
+            raise CheckpointError(f"tensor {name} has invalid data_offsets", path)
         if not isinstance(tensor.dtype, str) or tensor.dtype not in SAFETENSORS_DTYPE_SIZES:
-            raise LocalqwenError(f"tensor {name} has dtype {tensor.dtype} (supported: BF16, F16, F32)", path)
+            raise CheckpointError(f"tensor {name} has dtype {tensor.dtype} (supported: BF16, F16, F32)", path)
         want = math.prod(tensor.shape) * SAFETENSORS_DTYPE_SIZES[tensor.dtype]
         if tensor.data_range.size != want:
-            raise LocalqwenError(f"tensor {name} holds {tensor.data_range.size} bytes, its shape needs {want}", path)
+            raise CheckpointError(f"tensor {name} holds {tensor.data_range.size} bytes, its shape needs {want}", path)
         if tensor.data_range.offset + tensor.data_range.size > size:
-            raise LocalqwenError(f"truncated: tensor {name} ends past the end of the file", path)
+            raise CheckpointError(f"truncated: tensor {name} ends past the end of the file", path)
     return tensors
 
 
 def load_checkpoint(folder: Path) -> Checkpoint:
     """Index and validate a checkpoint folder; raise LocalqwenError naming the file for the first problem found."""
     if not folder.is_dir():
-        raise LocalqwenError("not a folder", folder)
+        raise CheckpointError("not a folder", folder)
     config_path = folder / "config.json"
     config = read_json(config_path)
     if not isinstance(config, dict):
-        raise LocalqwenError("must hold a JSON object", config_path)
+        raise CheckpointError("must hold a JSON object", config_path)
     hparams = read_hparams(config, config_path)
     for name in REQUIRED_TOKENIZER_FILES:
         if not (folder / name).is_file():
-            raise LocalqwenError("tokenizer file missing", folder / name)
+            raise CheckpointError("tokenizer file missing", folder / name)
 
     tensors: dict[str, LocalTensor] = {}
     for shard, listed in shard_files(folder).items():
@@ -185,21 +141,21 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         if listed and set(found) != listed:
             missing = sorted(listed - set(found))
             detail = f"lacks {missing[0]}" if missing else f"holds {sorted(set(found) - listed)[0]} not in the index"
-            raise LocalqwenError(f"does not match {INDEX_FILE}: {detail}", shard)
+            raise CheckpointError(f"does not match {INDEX_FILE}: {detail}", shard)
         for name in found:
             if name in tensors:
-                raise LocalqwenError(f"tensor {name} appears in more than one shard", shard)
+                raise CheckpointError(f"tensor {name} appears in more than one shard", shard)
         tensors |= found
 
     expected = expected_shapes(hparams)
     for name, shape in expected.items():
         if name not in tensors:
-            raise LocalqwenError(f"tensor {name} is missing from the checkpoint", folder)
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint", folder)
         if tensors[name].shape != shape:
-            raise LocalqwenError(f"tensor {name} has shape {list(tensors[name].shape)}, config.json implies "
+            raise CheckpointError(f"tensor {name} has shape {list(tensors[name].shape)}, config.json implies "
                                  f"{list(shape)}", tensors[name].data_range.filename)
     for name in tensors:
         # Old exports carry rotary inverse frequencies; llama.cpp recomputes them and skips these too.
         if name not in expected and not name.endswith(".rotary_emb.inv_freq"):
-            raise LocalqwenError(f"unexpected tensor {name}", tensors[name].data_range.filename)
+            raise CheckpointError(f"unexpected tensor {name}", tensors[name].data_range.filename)
     return Checkpoint(folder, config, hparams, {k: v for k, v in tensors.items() if k in expected})

@@ -20,7 +20,7 @@ import numpy as np
 from gguf.utility import LocalTensor
 
 from localqwen.constants import GGUF_ARCH
-from localqwen.errors import LocalqwenError
+from localqwen.errors import CheckpointError
 
 from .checkpoint import SAFETENSORS_DTYPE_SIZES, Checkpoint, read_json
 from .vocab import add_tokenizer
@@ -105,7 +105,7 @@ class StreamedTensor:
 def gguf_name(hf_name: str, name_map: gguf.TensorNameMap) -> str:
     name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:  # gguf-py returns None for names it cannot map: never skip a tensor silently
-        raise LocalqwenError(f"tensor {hf_name} has no GGUF name for {GGUF_ARCH}")
+        raise CheckpointError(f"tensor {hf_name} has no GGUF name for {GGUF_ARCH}")
     return name
 
 

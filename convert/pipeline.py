@@ -12,8 +12,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from localqwen.constants import DEFAULT_REPO
-from localqwen.errors import LocalqwenError
+from localqwen.constants import DEFAULT_QUANT, DEFAULT_REPO
+from localqwen.errors import BadRequest
 from localqwen.fileio import (
     atomic_output,
     check_writable_target,
@@ -28,8 +28,6 @@ from .gguf_file import FLOAT_TYPES, FloatGGUF
 from .quantize import QUANT_TYPES, quantize
 
 OUTPUT_TYPES = (*FLOAT_TYPES, *QUANT_TYPES)
-# What `localqwen pull` and the default model use; one place to change it.
-DEFAULT_QUANT = "q4_k_m"
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "README.md"]
 
 
@@ -38,7 +36,7 @@ def parse_quants(quants: Sequence[str]) -> list[str]:
     for quant in quants:
         name = quant.strip().lower()
         if name not in OUTPUT_TYPES:
-            raise LocalqwenError(f"unknown quantization {quant!r} (choose from {', '.join(OUTPUT_TYPES)})")
+            raise BadRequest(f"unknown quantization {quant!r} (choose from {', '.join(OUTPUT_TYPES)})")
         if name not in chosen:
             chosen.append(name)
     return chosen or [DEFAULT_QUANT]
@@ -94,7 +92,7 @@ def convert(source: str = DEFAULT_REPO, quants: Sequence[str] = (DEFAULT_QUANT,)
     """Convert `source` (a folder or hub repo id) to GGUF files; returns their paths, in the order asked."""
     quants = parse_quants(quants)
     if outfile is not None and (outdir is not None or len(quants) > 1):
-        raise LocalqwenError("--outfile names a single output: use it with one --quant and without --outdir")
+        raise BadRequest("--outfile names a single output: use it with one --quant and without --outdir")
     with source_folder(source, quiet=quiet) as folder:
         checkpoint = load_checkpoint(folder)
         base_type = intermediate_type(checkpoint)

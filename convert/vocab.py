@@ -13,7 +13,7 @@ from typing import Any
 
 import gguf
 
-from localqwen.errors import LocalqwenError
+from localqwen.errors import CheckpointError
 
 from .checkpoint import Checkpoint, read_json
 
@@ -40,9 +40,9 @@ def read_vocab(checkpoint: Checkpoint, tokenizer: Any) -> tuple[list[str], list[
     path = checkpoint.folder / "tokenizer.json"
     model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise LocalqwenError("not a byte-level BPE tokenizer (expected Qwen's)", path)
+        raise CheckpointError("not a byte-level BPE tokenizer (expected Qwen's)", path)
     if pretokenizer_regexes(tokenizer) != [QWEN2_PRETOKENIZER_REGEX]:
-        raise LocalqwenError("pre-tokenizer differs from Qwen2/Qwen3's; llama.cpp would tokenize it wrongly", path)
+        raise CheckpointError("pre-tokenizer differs from Qwen2/Qwen3's; llama.cpp would tokenize it wrongly", path)
 
     by_id: dict[int, tuple[str, gguf.TokenType]] = {
         token_id: (token, gguf.TokenType.NORMAL) for token, token_id in model["vocab"].items()}
@@ -53,7 +53,7 @@ def read_vocab(checkpoint: Checkpoint, tokenizer: Any) -> tuple[list[str], list[
 
     vocab_size = checkpoint.hparams.vocab_size
     if max(by_id) >= vocab_size:
-        raise LocalqwenError(f"token id {max(by_id)} is outside vocab_size {vocab_size} of config.json", path)
+        raise CheckpointError(f"token id {max(by_id)} is outside vocab_size {vocab_size} of config.json", path)
     tokens, types = [], []
     for i in range(vocab_size):
         token, token_type = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
@@ -77,7 +77,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> None:
         special.add_special_token.setdefault("bos", False)
         special.add_special_token.setdefault("eos", False)
     if not special.merges:
-        raise LocalqwenError("holds no BPE merges", checkpoint.folder / "tokenizer.json")
+        raise CheckpointError("holds no BPE merges", checkpoint.folder / "tokenizer.json")
     if not special.chat_template:
-        raise LocalqwenError("holds no chat_template", checkpoint.folder / "tokenizer_config.json")
+        raise CheckpointError("holds no chat_template", checkpoint.folder / "tokenizer_config.json")
     special.add_to_gguf(writer, quiet=True)

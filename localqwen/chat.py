@@ -32,7 +32,7 @@ from localqwen.conversation import (
     turns,
     validate,
 )
-from localqwen.errors import LocalqwenError
+from localqwen.errors import BadRequest, LocalqwenError
 from localqwen.events import Event, Stats
 from localqwen.model import Model
 
@@ -186,10 +186,10 @@ class ChatSession:
             return False
         try:
             if handler is None:
-                raise LocalqwenError(f"unknown command /{name}: /help lists the commands")
+                raise BadRequest(f"unknown command /{name}: /help lists the commands")
             handler(arg.strip())
         except LocalqwenError as exc:
-            self.note(f"Error: {exc.format_message()}", style="red")
+            self.note(f"Error: {exc.message}", style="red")
         return True
 
     def help(self, arg: str) -> None:
@@ -201,16 +201,11 @@ class ChatSession:
         self.note(message)
 
     def show(self, arg: str) -> None:
-        file_type = self.model.metadata.get("general.file_type", "?")
-        with contextlib.suppress(ValueError):
-            import gguf
-
-            file_type = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
         plan, s = self.model.plan.to_dict(), self.settings
         sizes = [f"{k.removesuffix('_cpu')} {v / 2**20:.0f}" for k, v in plan.items()
                  if k.endswith(("_cpu", "_gpu", "output")) and k not in ("total_cpu", "total_gpu") and v]
         sampling = self.model.sampling.with_overrides(**s.sampling).to_dict()
-        rows = {"model": self.model.path, "quant": file_type,
+        rows = {"model": self.model.path, "quant": self.model.meta.quant.upper() or "?",
                 "context": f"{self.model.n_ctx} tokens, {self.used} in use",
                 "memory": f"{plan['total'] / 2**20:.0f} MiB ({', '.join(sizes)} MiB)",
                 "kv cache": f"{plan['kv_type']}, flash attention {'on' if plan['flash_attn'] else 'off'}, "
@@ -224,7 +219,7 @@ class ChatSession:
 
     def stats(self, arg: str = "") -> None:
         if self.last is None:
-            raise LocalqwenError("no reply yet")
+            raise BadRequest("no reply yet")
         st, t = self.last, self.last.timings
         cached = getattr(st, "cached_prompt_tokens", 0)  # reused from the previous turn's KV cache
         self.note(f"  prompt      {st.prompt_tokens} tokens{f' ({cached} cached)' if cached else ''}, "
@@ -239,7 +234,7 @@ class ChatSession:
 
     def save(self, arg: str) -> None:
         if not arg:
-            raise LocalqwenError("/save needs a file name")
+            raise BadRequest("/save needs a file name")
         try:
             save_conversation(Path(arg).expanduser(), self.messages, self.settings)
         except OSError as exc:
@@ -248,7 +243,7 @@ class ChatSession:
 
     def load(self, arg: str) -> None:
         if not arg:
-            raise LocalqwenError("/load needs a file name")
+            raise BadRequest("/load needs a file name")
         self.messages, self.settings = load_conversation(Path(arg).expanduser(), self.model.sampling)
         self.used = self.count(self.messages)
         self.note(f"loaded {turns(self.messages)} from {arg} (ctx {self.used}/{self.model.n_ctx})")
@@ -261,14 +256,14 @@ class ChatSession:
             self.messages = messages[:-1]
             self.note(f"dropped {dropped} earlier turn{'s' * (dropped > 1)} to fit the context", style="yellow")
         view = ReplyView(self.console, not s.hide_thinking,
-                         lambda t: len(self.model.llama.tokenize(t.encode(), add_bos=False, special=False)))
+                         lambda t: len(self.model.tokenize(t)))
         try:
             with self.interruptible():
                 events = self.model.chat(self.prompt_of(messages), max_tokens=s.max_tokens,
                                          thinking_budget=s.thinking_budget, wait=0, **s.sampling)
                 thinking, content, stats = view.run(events)
         except LocalqwenError as exc:
-            self.note(f"Error: {exc.format_message()}", style="red")
+            self.note(f"Error: {exc.message}", style="red")
             return
         self.last, self.last_thinking = stats, thinking
         if stats.finish_reason == "cancelled":
@@ -347,7 +342,7 @@ def chat_repl(model: Model, settings: ChatSettings, *, input: Any = None, output
     from prompt_toolkit.key_binding import KeyBindings
     from prompt_toolkit.output import DummyOutput, create_output
 
-    from localqwen.store import home
+    from localqwen.paths import home
 
     console = Console(file=output, highlight=False)
     chat = ChatSession(model, settings, console)

@@ -9,13 +9,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from localqwen.errors import LocalqwenError
-from localqwen.sampling import Sampling
+from localqwen.errors import BadRequest
+from localqwen.sampling import LIMIT_OPTIONS, OPTION, Sampling
 
 Message = dict[str, Any]
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "seed")
-LIMIT_KEYS = {"max_tokens": 1, "thinking_budget": 0}  # the smallest value each takes
-INT_KEYS = {"top_k", "seed", *LIMIT_KEYS}
 
 
 @dataclass
@@ -30,18 +27,19 @@ class ChatSettings:
 
 def validate(settings: ChatSettings, base: Sampling) -> ChatSettings:
     """`settings` if every value is usable (sampling checked against `base`), else a LocalqwenError."""
-    for key, least in LIMIT_KEYS.items():
+    for key in LIMIT_OPTIONS:
         value = getattr(settings, key)
-        if value is not None and (type(value) is not int or value < least):
-            raise LocalqwenError(f"{key} must be a whole number of at least {least} (or default), got {value!r}")
+        if value is not None and (type(value) is not int or value < OPTION[key].minimum):
+            raise BadRequest(f"{key} must be {OPTION[key].accepted} (or default), got {value!r}")
     if not (isinstance(settings.hide_thinking, bool) and isinstance(settings.verbose, bool)):
-        raise LocalqwenError("hide_thinking and verbose must be true or false")
+        raise BadRequest("hide_thinking and verbose must be true or false")
     if settings.system is not None and not isinstance(settings.system, str):
-        raise LocalqwenError("the system prompt must be text")
-    try:
-        base.with_overrides(**settings.sampling)
-    except TypeError:
-        raise LocalqwenError(f"sampling settings must be numbers, got {settings.sampling}") from None
+        raise BadRequest("the system prompt must be text")
+    numbers = (int, float)
+    if not isinstance(settings.sampling, dict) or not all(
+            isinstance(v, numbers) and not isinstance(v, bool) for v in settings.sampling.values()):
+        raise BadRequest(f"sampling settings must be numbers, got {settings.sampling}")
+    base.with_overrides(**settings.sampling)
     return settings
 
 
@@ -56,16 +54,17 @@ def apply_set(settings: ChatSettings, base: Sampling, arg: str) -> tuple[ChatSet
     if key in ("thinking", "verbose"):
         choices = {"show": False, "hide": True} if key == "thinking" else {"on": True, "off": False}
         if value not in choices:
-            raise LocalqwenError(f"/set {key} takes {' or '.join(choices)}, got {value!r}")
+            raise BadRequest(f"/set {key} takes {' or '.join(choices)}, got {value!r}")
         setattr(new, "hide_thinking" if key == "thinking" else "verbose", choices[value])
         return new, f"{key} {value}"
-    if key not in LIMIT_KEYS and key not in SAMPLING_KEYS:
-        raise LocalqwenError(f"unknown setting {key!r}: /help lists them" if key else "/set needs a setting: /help")
+    option = OPTION.get(key)
+    if option is None:
+        raise BadRequest(f"unknown setting {key!r}: /help lists them" if key else "/set needs a setting: /help")
     try:
-        number = None if value in ("default", "none") else (int if key in INT_KEYS else float)(value)
+        number = None if value in ("default", "none") else option.kind(value)
     except ValueError:
-        raise LocalqwenError(f"{key} needs a {'whole ' * (key in INT_KEYS)}number, got {value!r}") from None
-    if key in LIMIT_KEYS:
+        raise BadRequest(f"{key} needs {option.kind_name}, got {value!r}") from None
+    if key in LIMIT_OPTIONS:
         setattr(new, key, number)
     elif number is None:
         new.sampling.pop(key, None)
@@ -85,22 +84,22 @@ def load_conversation(path: Path, base: Sampling) -> tuple[list[Message], ChatSe
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise LocalqwenError(f"cannot read the file ({exc.strerror})", path) from None
+        raise BadRequest(f"cannot read the file ({exc.strerror})", path) from None
     except ValueError as exc:  # UnicodeDecodeError too
-        raise LocalqwenError(f"not a saved conversation ({exc})", path) from None
+        raise BadRequest(f"not a saved conversation ({exc})", path) from None
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
-        raise LocalqwenError('not a saved conversation (no "messages" list)', path)
+        raise BadRequest('not a saved conversation (no "messages" list)', path)
     for message in data["messages"]:
         if not (isinstance(message, dict) and message.get("role") in ("user", "assistant", "tool")
                 and isinstance(message.get("content"), str)):
-            raise LocalqwenError(f"not a chat message: {json.dumps(message, ensure_ascii=False)[:80]}", path)
+            raise BadRequest(f"not a chat message: {json.dumps(message, ensure_ascii=False)[:80]}", path)
     stored = data.get("settings") or {}
     if not isinstance(stored, dict):
-        raise LocalqwenError('"settings" must be an object', path)
+        raise BadRequest('"settings" must be an object', path)
     try:
         settings = ChatSettings(system=data.get("system"), **{k: v for k, v in stored.items() if k != "system"})
     except TypeError:
-        raise LocalqwenError(f"unknown settings in {sorted(stored)}", path) from None
+        raise BadRequest(f"unknown settings in {sorted(stored)}", path) from None
     return data["messages"], validate(settings, base)
 
 

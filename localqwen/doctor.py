@@ -1,4 +1,4 @@
-"""What this install can do (`doctor`), what a model file holds (`info`) and what fits in this machine (`plan`).
+"""What this install can do (`localqwen doctor`): the backend, memory, store and hub settings, and a self-test.
 
 The doctor's self-test needs no download: it writes a tiny Qwen3 checkpoint whose greedy output is known token by
 token (a chain model, see synthetic.py), converts and quantizes it, loads it through llama.cpp and checks the
@@ -8,12 +8,10 @@ generated thinking and answer exactly.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
-from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,80 +25,6 @@ SELF_TEST_ANSWER = ("Hello", "!", " This", " install", " works")
 SELF_TEST_WIDTH = 256  # rows of 256: llama.cpp's K-quants apply for real (QK_K = 256), no fallback types
 
 
-# --- info --------------------------------------------------------------------------------------------------------
-
-def _tensor_kind(name: str) -> str:
-    """blk.7.attn_v.weight -> attn_v; token_embd.weight -> token_embd."""
-    parts = name.removesuffix(".weight").split(".")
-    return ".".join(parts[2:]) if parts[0] == "blk" and len(parts) > 2 else ".".join(parts)
-
-
-def model_info(path: Path) -> dict[str, Any]:
-    """What `localqwen info` shows, from the GGUF header alone (fast, and safe on damaged files)."""
-    from localqwen.gguf_header import ArrayInfo, read_header
-    from localqwen.sampling import GGUF_SAMPLING_KEYS, Sampling
-    from localqwen.store import quant_name
-
-    header = read_header(path)
-    md = header.metadata
-    arch = str(md.get("general.architecture", ""))
-    mixture: dict[str, Counter[str]] = defaultdict(Counter)
-    types: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
-    for name, tensor in header.tensors.items():
-        mixture[_tensor_kind(name)][tensor.type.name] += 1
-        types[tensor.type.name]["tensors"] += 1
-        types[tensor.type.name]["bytes"] += tensor.n_bytes
-    tokens = md.get("tokenizer.ggml.tokens")
-    in_file = {name: md[key] for name, key in GGUF_SAMPLING_KEYS.items() if key in md}
-    template = md.get("tokenizer.chat_template")
-
-    def hp(key: str) -> Any:
-        return md.get(f"{arch}.{key}")
-
-    return {
-        "path": str(path), "name": md.get("general.name"), "architecture": arch, "size": header.file_size,
-        "parameters": sum(math.prod(t.shape) for t in header.tensors.values()), "quant": quant_name(md),
-        "context_length": hp("context_length"), "layers": hp("block_count"), "embedding": hp("embedding_length"),
-        "feed_forward": hp("feed_forward_length"), "heads": hp("attention.head_count"),
-        "kv_heads": hp("attention.head_count_kv"), "head_dim": hp("attention.key_length"),
-        "rope_freq_base": hp("rope.freq_base"),
-        "vocab": tokens.count if isinstance(tokens, ArrayInfo) else len(tokens or []),
-        "chat_template": isinstance(template, str) and bool(template),
-        "sampling": {k: v for k, v in Sampling.from_metadata(in_file).to_dict().items() if k in GGUF_SAMPLING_KEYS},
-        "sampling_from_file": sorted(in_file),
-        "tensor_types": dict(sorted(types.items())),
-        "mixture": {kind: dict(sorted(counts.items())) for kind, counts in sorted(mixture.items())},
-    }
-
-
-# --- plan --------------------------------------------------------------------------------------------------------
-
-def plan_report(path: Path, n_ctx: int | str = "auto", *, kv_type: str = "f16", flash_attn: bool | None = None,
-                gpu_layers: int | str = "auto", max_ctx: int | None = None) -> dict[str, Any]:
-    """The plan Model.load would make for these settings, and the largest context each KV cache type allows here.
-
-    Uses the same choice as Model.load (plan.choose_plan) without loading anything.
-    """
-    from localqwen.plan import KV_TYPES, choose_plan, largest_context, read_shape
-
-    shape = read_shape(path)
-    plan, memory = choose_plan(shape, n_ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers,
-                               max_ctx=max_ctx)
-
-    def largest(kv: str, flash_on: bool) -> int:
-        return largest_context(shape, memory.budget, kv_type=kv, flash_attn=flash_on, gpu_layers=plan.gpu_layers,
-                               repack_types=memory.repack_types)
-
-    fits = plan.total_cpu <= memory.ram and (not plan.total_gpu or plan.total_gpu <= (memory.vram or 0))
-    return {
-        "model": str(path), "free_ram": memory.ram, "free_vram": memory.vram, "budget": memory.budget,
-        "native_context": shape.n_ctx_train,
-        "plan": plan.to_dict(), "fits": fits,
-        # f16 without flash attention (often faster on CPU); quantized caches need it.
-        "largest_context": {kv: largest(kv, kv != "f16" or bool(flash_attn)) for kv in KV_TYPES},
-    }
-
-
 # --- doctor ------------------------------------------------------------------------------------------------------
 
 def system_report() -> dict[str, Any]:
@@ -112,8 +36,9 @@ def system_report() -> dict[str, Any]:
 
     from localqwen.backend import backend_names, gpu_offload_supported
     from localqwen.hub import offline
+    from localqwen.paths import DEFAULT_MODEL_FILE, home, models_dir
     from localqwen.plan import available_memory
-    from localqwen.store import DEFAULT_MODEL_FILE, home, list_models, models_dir
+    from localqwen.store import list_models
 
     ram, vram = available_memory()
     # Whether huggingface_hub will send a token (HF_TOKEN, or one saved by `hf auth login`); never the token itself.
@@ -135,10 +60,10 @@ def system_report() -> dict[str, Any]:
 
 def _chain_ids(pieces: tuple[str, ...]) -> list[int]:
     """Token ids of text pieces that are single tokens of the Qwen3 vocabulary (byte-level spelling)."""
-    from localqwen.synthetic import _bytes_to_unicode, tokenizer_json
+    from localqwen.tokenizer_data import bytes_to_unicode, tokenizer_json
 
     vocab = json.loads(tokenizer_json())["model"]["vocab"]
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     spelled = ["".join(table[b] for b in piece.encode()) for piece in pieces]
     missing = [piece for piece, s in zip(pieces, spelled, strict=True) if s not in vocab]
     if missing:

@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from localqwen.constants import tool_call_block
+
 EventKind = Literal["thinking", "content", "tool_call", "done"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
@@ -19,6 +21,11 @@ class ToolCall:
     arguments: dict[str, Any] | None = None
     error: str | None = None
 
+    @property
+    def block(self) -> str:
+        """The call as the model wrote it, markers included: what an unparsed call shows as text."""
+        return tool_call_block(self.raw)
+
 
 @dataclass
 class Stats:
@@ -30,6 +37,7 @@ class Stats:
     thinking_tokens: int = 0
     content_tokens: int = 0
     truncated_thinking: bool = False  # generation ended before `</think>`: all thinking, no answer
+    stop_sequence: str | None = None  # the stop string that ended the answer, if one did
     timings: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 
-from localqwen.errors import LocalqwenError
+from localqwen.errors import LocalqwenError, ModelFileError
 
 MAX_COUNT = 1 << 20  # tensors, metadata entries
 MAX_ARRAY = 1 << 24  # elements in one metadata array
@@ -65,7 +66,7 @@ class _Cursor:
         self.buf, self.pos, self.path = buf, 0, path
 
     def fail(self, message: str) -> LocalqwenError:
-        return LocalqwenError(f"not a valid GGUF file: {message} (at byte {self.pos})", self.path)
+        return ModelFileError(f"not a valid GGUF file: {message} (at byte {self.pos})", self.path)
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.buf):
@@ -98,6 +99,9 @@ class _Cursor:
             raise self.fail(f"unknown metadata value type {code}") from None
 
     def value(self, kind: gguf.GGUFValueType, *, nested: bool = False) -> Any:
+        if kind == gguf.GGUFValueType.FLOAT32:
+            # The shortest decimal that is this float32 (0.6, not 0.6000000238418579): the value the writer meant.
+            return float(str(np.float32(self.unpack("<f"))))
         if kind in SCALARS:
             return self.unpack(SCALARS[kind])
         if kind == gguf.GGUFValueType.STRING:
@@ -157,14 +161,14 @@ def read_header(path: Path | str) -> GGUFHeader:
     try:
         with open(path, "rb") as f:
             if f.seek(0, 2) < 24:
-                raise LocalqwenError("not a GGUF file (too short)", path)
+                raise ModelFileError("not a GGUF file (too short)", path)
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as exc:
-        raise LocalqwenError(exc.strerror or str(exc), path) from None
+        raise ModelFileError(exc.strerror or str(exc), path) from None
     with buf:
         cur = _Cursor(buf, path)
         if cur.take(4) != b"GGUF":
-            raise LocalqwenError("not a GGUF file (bad magic)", path)
+            raise ModelFileError("not a GGUF file (bad magic)", path)
         version = cur.unpack("<I")
         if version not in (2, 3):
             raise cur.fail(f"unsupported version {version}")
@@ -189,6 +193,6 @@ def read_header(path: Path | str) -> GGUFHeader:
         file_size = len(buf)
     for info in tensors.values():
         if info.offset % alignment or data_offset + info.offset + info.n_bytes > file_size:
-            raise LocalqwenError(f"not a valid GGUF file: tensor {info.name} lies outside the file or is misaligned "
+            raise ModelFileError(f"not a valid GGUF file: tensor {info.name} lies outside the file or is misaligned "
                                  "(truncated download?)", path)
     return GGUFHeader(version, metadata, tensors, data_offset, file_size)

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from localqwen.constants import DEFAULT_REPO, MODEL_NAME
-from localqwen.convert import DEFAULT_QUANT
-from localqwen.errors import LocalqwenError
+from localqwen.constants import DEFAULT_QUANT, DEFAULT_REPO
+from localqwen.errors import HubError, LocalqwenError
+from localqwen.paths import models_dir
 
 NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
 
@@ -38,8 +38,6 @@ def offline() -> bool:
 
 
 def convert_hint(repo: str = DEFAULT_REPO) -> str:
-    from localqwen.store import models_dir
-
     folder = repo.split("/")[-1] if repo == DEFAULT_REPO else "CHECKPOINT"
     return (f"convert a local checkpoint folder instead: localqwen convert PATH/TO/{folder} --quant {DEFAULT_QUANT} "
             f"--outdir {models_dir()}")
@@ -84,21 +82,21 @@ def hub_error(exc: BaseException, repo: str, revision: str) -> LocalqwenError:
         else:
             why, then = f"the hub ({constants.ENDPOINT}) cannot be reached and it is not (completely) in the cache", \
                 "Connect"
-        return LocalqwenError(f"cannot download {where}: {why} ({constants.HF_HUB_CACHE}). {then} and pull again, "
+        return HubError(f"cannot download {where}: {why} ({constants.HF_HUB_CACHE}). {then} and pull again, "
                               f"or {convert_hint(repo)}")
     if isinstance(exc, GatedRepoError):
-        return LocalqwenError(f"{where} is gated: accept its terms on the hub and set HF_TOKEN")
+        return HubError(f"{where} is gated: accept its terms on the hub and set HF_TOKEN")
     if isinstance(exc, RepositoryNotFoundError):
-        return LocalqwenError(f"{repo} is not on the hub ({constants.ENDPOINT}), or is private (set HF_TOKEN)")
+        return HubError(f"{repo} is not on the hub ({constants.ENDPOINT}), or is private (set HF_TOKEN)")
     if isinstance(exc, RevisionNotFoundError):
-        return LocalqwenError(f"{repo} has no revision {revision!r}")
+        return HubError(f"{repo} has no revision {revision!r}")
     if isinstance(exc, EntryNotFoundError):
-        return LocalqwenError(f"{where} has no such file: {str(exc).splitlines()[0]}")
+        return HubError(f"{where} has no such file: {str(exc).splitlines()[0]}")
     first = (str(exc).splitlines() or [type(exc).__name__])[0]
     if isinstance(exc, HfHubHTTPError) or _is_network_error(exc):
-        return LocalqwenError(f"the download of {where} failed ({first}). Pull again: finished files are kept in the "
+        return HubError(f"the download of {where} failed ({first}). Pull again: finished files are kept in the "
                               "Hugging Face cache")
-    return LocalqwenError(f"cannot download {where}: {first}")
+    return HubError(f"cannot download {where}: {first}")
 
 
 def _commit_of(path: Path, revision: str) -> str:
@@ -150,12 +148,3 @@ def evict(path: Path) -> None:
         if blob != path:
             blob.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
-
-
-def default_model_help() -> str:
-    from localqwen.store import DEFAULT_MODEL_FILE, models_dir
-
-    why = " and offline mode is on (HF_HUB_OFFLINE=1), so it cannot be pulled" if offline() else ""
-    pull = "" if offline() else f"run `localqwen pull` (downloads {MODEL_NAME}, about 8 GB, once), or "
-    return (f"the default model {DEFAULT_MODEL_FILE} is not in the store ({models_dir()}){why}: {pull}"
-            f"{convert_hint()}, or pass -m FILE.gguf")

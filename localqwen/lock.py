@@ -24,7 +24,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from localqwen.errors import LocalqwenError
+from localqwen.errors import HubError, LocalqwenError
 from localqwen.fileio import atomic_output
 
 LOCK_FORMAT = 1
@@ -113,7 +113,7 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
                 if on_bytes:
                     on_bytes(len(chunk))
     except OSError as exc:
-        raise LocalqwenError(f"cannot read the file ({exc.strerror or exc})", path) from None
+        raise HubError(f"cannot read the file ({exc.strerror or exc})", path) from None
     return digest.hexdigest()
 
 
@@ -124,7 +124,7 @@ def pin_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> FileP
 # --- reading -----------------------------------------------------------------------------------------------------
 
 def _fail(path: Path, where: str, problem: str) -> LocalqwenError:
-    return LocalqwenError(f"not a valid lock file: {where}: {problem}", path)
+    return HubError(f"not a valid lock file: {where}: {problem}", path)
 
 
 def _pin(raw: Any, path: Path, where: str, keys: dict[str, type]) -> dict[str, Any]:
@@ -163,11 +163,11 @@ def read_lock(path: Path) -> Lock:
     except FileNotFoundError:
         return Lock(path, {})
     except OSError as exc:
-        raise LocalqwenError(f"cannot read the lock file ({exc.strerror or exc})", path) from None
+        raise HubError(f"cannot read the lock file ({exc.strerror or exc})", path) from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise LocalqwenError(f"not a valid lock file: JSON error at line {exc.lineno}: {exc.msg}", path) from None
+        raise HubError(f"not a valid lock file: JSON error at line {exc.lineno}: {exc.msg}", path) from None
     if not isinstance(raw, dict) or raw.get("format") != LOCK_FORMAT or not isinstance(raw.get("models"), dict):
         raise _fail(path, "top level", f'needs "format": {LOCK_FORMAT} and a "models" object')
     return Lock(path, {repo: _model(entry, path, repo) for repo, entry in raw["models"].items()})

@@ -14,12 +14,11 @@ import sys
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from localqwen.errors import LocalqwenError
-from localqwen.gguf_header import ArrayInfo, GGUFHeader, read_header
+from localqwen.errors import BadRequest, LocalqwenError, ModelFileError
+from localqwen.metadata import TIED_OUTPUT, ModelMetadata, read_metadata
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
 # Free memory `n_ctx="auto"` leaves to the rest of the machine.
@@ -73,57 +72,37 @@ class ModelShape:
         return self.n_ff or 4 * self.n_embd
 
 
-def _field(header: GGUFHeader, key: str, path: Path, default: int | None = None) -> Any:
-    value = header.metadata.get(key, default)
-    if value is None:
-        raise LocalqwenError(f"not a usable model: GGUF metadata key {key} is missing", path)
-    return value
-
-
 @functools.lru_cache(maxsize=8)
-def _read_shape(path: Path, mtime_ns: int, size: int) -> ModelShape:
-    header = read_header(path)
-    arch = str(_field(header, "general.architecture", path))
-    n_layers = int(_field(header, f"{arch}.block_count", path))
-    n_embd = int(_field(header, f"{arch}.embedding_length", path))
-    n_head = int(_field(header, f"{arch}.attention.head_count", path))
-    head_dim_k = int(_field(header, f"{arch}.attention.key_length", path, n_embd // max(n_head, 1)))
-    tensors = header.tensors
+def shape_of(meta: ModelMetadata) -> ModelShape:
+    """The ModelShape of a GGUF's metadata; a missing hyperparameter is a ModelFileError."""
+    path, tensors = meta.path, meta.tensors
+    n_layers, n_embd, n_head = meta.require("block_count"), meta.require("embedding_length"), meta.require("head_count")
     if "token_embd.weight" not in tensors:
-        raise LocalqwenError("not a usable model: tensor token_embd.weight is missing", path)
-    sizes = {name: t.n_bytes for name, t in tensors.items()}
+        raise ModelFileError("not a usable model: tensor token_embd.weight is missing", path)
     layer_bytes = [0] * n_layers
-    for name, nbytes in sizes.items():
+    for name, tensor in tensors.items():
         if name.startswith("blk."):
             il = int(name.split(".")[1])
             if il >= n_layers:
-                raise LocalqwenError(f"not a usable model: tensor {name} is beyond block_count {n_layers}", path)
-            layer_bytes[il] += nbytes
-    weight_bytes = sum(sizes.values())
-    other = weight_bytes - sum(layer_bytes)
-    tied = "output.weight" not in sizes
-    tokens = header.metadata.get("tokenizer.ggml.tokens")
+                raise ModelFileError(f"not a usable model: tensor {name} is beyond block_count {n_layers}", path)
+            layer_bytes[il] += tensor.n_bytes
+    weight_bytes = sum(t.n_bytes for t in tensors.values())
+    head_dim_k = meta.key_length or n_embd // max(n_head, 1)
+    sizes = {name: t.n_bytes for name, t in tensors.items() if name in ("output_norm.weight", TIED_OUTPUT)}
     return ModelShape(
-        n_layers=n_layers, n_embd=n_embd, n_head=n_head,
-        n_head_kv=int(_field(header, f"{arch}.attention.head_count_kv", path, n_head)),
-        head_dim_k=head_dim_k, head_dim_v=int(_field(header, f"{arch}.attention.value_length", path, head_dim_k)),
-        n_vocab=tokens.count if isinstance(tokens, ArrayInfo) else int(tensors["token_embd.weight"].shape[1]),
-        n_ctx_train=int(_field(header, f"{arch}.context_length", path)),
-        weight_bytes=weight_bytes, layer_bytes=layer_bytes, other_bytes=other,
-        n_ff=int(_field(header, f"{arch}.feed_forward_length", path, 0)),
-        head_bytes=sizes.get("output_norm.weight", 0) + sizes.get("output.weight", 0),
-        tied_type=int(tensors["token_embd.weight"].type) if tied else None,
+        n_layers=n_layers, n_embd=n_embd, n_head=n_head, n_head_kv=meta.head_count_kv or n_head,
+        head_dim_k=head_dim_k, head_dim_v=meta.value_length or head_dim_k,
+        n_vocab=meta.n_vocab or int(tensors["token_embd.weight"].shape[1]),
+        n_ctx_train=meta.require("context_length"),
+        weight_bytes=weight_bytes, layer_bytes=layer_bytes, other_bytes=weight_bytes - sum(layer_bytes),
+        n_ff=meta.feed_forward_length or 0, head_bytes=sum(sizes.values()),
+        tied_type=int(tensors["token_embd.weight"].type) if meta.tied_output else None,
     )
 
 
 def read_shape(path: Path | str) -> ModelShape:
-    """The ModelShape of a GGUF (cached per path, size and modification time)."""
-    path = Path(path)
-    try:
-        stat = path.stat()
-    except OSError as exc:
-        raise LocalqwenError(f"cannot read the model file ({exc.strerror})", path) from None
-    return _read_shape(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    """The ModelShape of a GGUF file (cached, as its metadata is, per path, size and modification time)."""
+    return shape_of(read_metadata(path))
 
 
 @dataclass(frozen=True)
@@ -191,11 +170,11 @@ def plan_memory(shape: ModelShape, n_ctx: int, *, kv_type: str = "f16", flash_at
     """Predict llama.cpp's buffers for one context. gpu_layers counts like n_gpu_layers (output layer first);
     repack_types: the ggml types this CPU's extra buffer types take (backend.repacked_types())."""
     if kv_type not in KV_TYPES:
-        raise LocalqwenError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
+        raise BadRequest(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
     if kv_type != "f16" and not flash_attn:  # llama_context: "quantized V cache ... requires Flash Attention"
-        raise LocalqwenError(f"a {kv_type} KV cache needs flash attention")
+        raise BadRequest(f"a {kv_type} KV cache needs flash attention")
     if n_ctx < 1 or n_batch < 1 or n_ubatch < 1:
-        raise LocalqwenError(f"context {n_ctx}, batch {n_batch} and ubatch {n_ubatch} must be positive")
+        raise BadRequest(f"context {n_ctx}, batch {n_batch} and ubatch {n_ubatch} must be positive")
     # llama_context::llama_context: n_batch is clamped by the requested n_ctx *before* n_ctx is padded to 256.
     n_batch = min(n_ctx, n_batch)
     n_ubatch = min(n_batch, n_ubatch)
@@ -303,7 +282,7 @@ def choose_plan(shape: ModelShape, n_ctx: int | str = "auto", *, kv_type: str = 
     from localqwen.backend import gpu_offload_supported, repacked_types
 
     if kv_type not in KV_TYPES:
-        raise LocalqwenError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
+        raise BadRequest(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
     flash = kv_type != "f16" if flash_attn is None else flash_attn  # a quantized V cache needs flash attention
     ram, vram = available_memory()
     offload = gpu_offload_supported() and bool(vram)
@@ -319,8 +298,19 @@ def choose_plan(shape: ModelShape, n_ctx: int | str = "auto", *, kv_type: str = 
         if n_ctx == 0:
             raise LocalqwenError("not enough free memory for even a small context")
     elif isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 0 < n_ctx <= shape.n_ctx_train:
-        raise LocalqwenError(f"context {n_ctx} must be between 1 and {shape.n_ctx_train}")
+        raise BadRequest(f"context {n_ctx} must be between 1 and {shape.n_ctx_train}")
     if gpu_layers == "auto" and offload and vram:
         layers = auto_gpu_layers(shape, vram, n_ctx, kv_type, flash, repack)  # what does not fit stays on the CPU
     return plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash, gpu_layers=layers,
                        repack_types=repack), memory
+
+
+def shortfall(plan: MemoryPlan, memory: Memory) -> str | None:
+    """Why `plan` does not fit the free memory, or None when it fits: the one rule for Model.load and `plan`."""
+    if plan.total_cpu > memory.ram:
+        return (f"a context of {plan.n_ctx} tokens needs {plan.total_cpu / 2**30:.1f} GiB of memory, "
+                f"{memory.ram / 2**30:.1f} GiB is free")
+    if plan.total_gpu > (memory.vram or 0):
+        return (f"a context of {plan.n_ctx} tokens with {plan.gpu_layers} layers offloaded needs "
+                f"{plan.total_gpu / 2**30:.1f} GiB of GPU memory, {(memory.vram or 0) / 2**30:.1f} GiB is free")
+    return None

@@ -21,7 +21,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from localqwen.constants import THINK_CLOSE, THINK_OPEN
-from localqwen.errors import LocalqwenError
+from localqwen.errors import BadRequest, ModelFileError
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -52,7 +52,7 @@ def compile_template(template: str) -> Any:
     try:
         return ENVIRONMENT.from_string(template)
     except TemplateError as exc:
-        raise LocalqwenError(f"the chat template does not compile: {exc}") from None
+        raise ModelFileError(f"the chat template does not compile: {exc}") from None
 
 
 def content_text(content: Any, role: str) -> str:
@@ -63,12 +63,12 @@ def content_text(content: Any, role: str) -> str:
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(str(p.get("text", "")) for p in content)
-    raise LocalqwenError(f"{role} message content must be a string or a list of text parts")
+    raise BadRequest(f"{role} message content must be a string or a list of text parts")
 
 
 def normalize_message(message: Any) -> dict[str, Any]:
     if not isinstance(message, dict) or message.get("role") not in ROLES:
-        raise LocalqwenError(f"each message needs a role among {', '.join(ROLES)}")
+        raise BadRequest(f"each message needs a role among {', '.join(ROLES)}")
     out = dict(message)
     out["content"] = content_text(message.get("content"), message["role"])
     # Clients often send back the raw output: move "<think>...</think>" into reasoning_content, as the template would.
@@ -118,7 +118,7 @@ def render_chat(template: str, messages: list[Any], specials: list[str], *, tool
                 add_generation_prompt: bool = True) -> list[Segment]:
     """Render `messages` (and `tools`) with the model's template into segments ready for tokenization."""
     if not messages:
-        raise LocalqwenError("at least one message is needed")
+        raise BadRequest("at least one message is needed")
     protector = Protector(specials)
     safe_messages = protector.protect([normalize_message(m) for m in messages])
     safe_tools = protector.protect(tools) if tools else None
@@ -126,5 +126,5 @@ def render_chat(template: str, messages: list[Any], specials: list[str], *, tool
         rendered = compile_template(template).render(
             messages=safe_messages, tools=safe_tools, add_generation_prompt=add_generation_prompt)
     except TemplateError as exc:
-        raise LocalqwenError(f"the chat template failed: {exc}") from None
+        raise BadRequest(f"the chat template failed: {exc}") from None
     return protector.segments(rendered)

@@ -19,11 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-
-from localqwen.constants import DEFAULT_REPO, GGUF_ARCH, MODEL_NAME
-from localqwen.convert import DEFAULT_QUANT, OUTPUT_TYPES
-from localqwen.errors import LocalqwenError
+from localqwen.constants import DEFAULT_QUANT, DEFAULT_REPO, GGUF_ARCH, MODEL_NAME
+from localqwen.convert import OUTPUT_TYPES
+from localqwen.errors import HubError, LocalqwenError, ModelFileError
 from localqwen.lock import (
     LOCK_NAME,
     FilePin,
@@ -39,21 +37,9 @@ from localqwen.lock import (
 
 if TYPE_CHECKING:
     from localqwen.hub import Snapshot
+from localqwen.paths import DEFAULT_MODEL_FILE, home, models_dir
 
-DEFAULT_MODEL_FILE = f"{MODEL_NAME}-{DEFAULT_QUANT.upper()}.gguf"
 Echo = Callable[[str], None]
-
-
-def home() -> Path:
-    if os.environ.get("LOCALQWEN_HOME"):
-        return Path(os.environ["LOCALQWEN_HOME"]).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("localqwen"))
-
-
-def models_dir() -> Path:
-    return home() / "models"
 
 
 def store_lock_path() -> Path:
@@ -76,9 +62,7 @@ def resolve_model(spec: str | None) -> Path:
     if spec is None:
         path = models_dir() / DEFAULT_MODEL_FILE
         if not path.is_file():
-            from localqwen.hub import default_model_help
-
-            raise LocalqwenError(default_model_help())
+            raise ModelFileError(default_model_help())
         return path
     path = Path(spec).expanduser()
     if path.is_file():
@@ -88,39 +72,34 @@ def resolve_model(spec: str | None) -> Path:
         stored = _in_store(f"{MODEL_NAME}-{spec.upper()}.gguf")
     if stored is not None:
         return stored
-    raise LocalqwenError(f"model not found (not a file, nor a model in the store {models_dir()}: see "
+    raise ModelFileError(f"model not found (not a file, nor a model in the store {models_dir()}: see "
                          "`localqwen models`)", spec)
 
 
-def ensure_default_model(interactive: bool) -> Path:
-    """The default model's path; if it is missing, offer to pull it (interactive) or say how to get it."""
+def ensure_default_model(confirm: Callable[[str], bool] | None = None, echo: Echo = lambda line: None) -> Path:
+    """The default model's path. When it is missing: pull it if `confirm(question)` says yes (the CLI asks the
+    person at the terminal), else a ModelFileError that says how to get it."""
     path = models_dir() / DEFAULT_MODEL_FILE
     if path.is_file():
         return path
-    from localqwen.hub import default_model_help
-
-    if not interactive:
-        raise LocalqwenError(default_model_help())
     question = (f"The default model {DEFAULT_MODEL_FILE} is not in the store. Pull {DEFAULT_REPO} now (about 8 GB "
                 "download, then a few minutes of conversion)?")
-    if not click.confirm(question, default=True, err=True):
-        raise LocalqwenError(default_model_help())
-    [path] = pull(DEFAULT_REPO, [DEFAULT_QUANT], echo=lambda line: click.echo(line, err=True))
+    if confirm is None or not confirm(question):
+        raise ModelFileError(default_model_help())
+    [path] = pull(DEFAULT_REPO, [DEFAULT_QUANT], echo=echo)
     return path
 
 
+def default_model_help() -> str:
+    from localqwen.hub import convert_hint, offline
+
+    why = " and offline mode is on (HF_HUB_OFFLINE=1), so it cannot be pulled" if offline() else ""
+    pull = "" if offline() else f"run `localqwen pull` (downloads {MODEL_NAME}, about 8 GB, once), or "
+    return (f"the default model {DEFAULT_MODEL_FILE} is not in the store ({models_dir()}){why}: {pull}"
+            f"{convert_hint()}, or pass -m FILE.gguf")
+
+
 # --- what is in the store ----------------------------------------------------------------------------------------
-
-def quant_name(metadata: dict[str, Any]) -> str:
-    """general.file_type as the --quant name it came from ("q4_k_m"), or "" when the file does not say."""
-    import gguf
-
-    try:
-        name = gguf.LlamaFileType(int(metadata["general.file_type"])).name
-    except (KeyError, ValueError, TypeError):
-        return ""
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
-
 
 @dataclass(frozen=True)
 class StoredModel:
@@ -136,7 +115,7 @@ class StoredModel:
 
 def list_models() -> list[StoredModel]:
     """Every GGUF in the store, by name. A file that is not a valid GGUF is listed with quant "invalid"."""
-    from localqwen.gguf_header import read_header
+    from localqwen.metadata import read_metadata
 
     found = []
     folder = models_dir()
@@ -144,9 +123,8 @@ def list_models() -> list[StoredModel]:
         if path.name.startswith(".") or not path.is_file():
             continue
         try:
-            md = read_header(path).metadata
-            quant = quant_name(md)
-            context = int(md.get(f"{md.get('general.architecture', GGUF_ARCH)}.context_length", 0))
+            meta = read_metadata(path)
+            quant, context = meta.quant, meta.context_length or 0
         except LocalqwenError:
             quant, context = "invalid", 0
         found.append(StoredModel(path.stem, quant, path.stat().st_size, context, str(path)))
@@ -157,7 +135,7 @@ def remove_model(name: str) -> Path:
     """Delete one GGUF from the store, by its name in the store (never an arbitrary path)."""
     path = _in_store(name)
     if path is None:
-        raise LocalqwenError(f"no such model in the store {models_dir()} (see `localqwen models`)", name)
+        raise ModelFileError(f"no such model in the store {models_dir()} (see `localqwen models`)", name)
     path.unlink()
     return path
 
@@ -166,7 +144,7 @@ def remove_model(name: str) -> Path:
 
 def _revision(entry: ModelPin, asked: str | None, repo: str, lock: Lock) -> str:
     if entry.revision and asked and asked != entry.revision:
-        raise LocalqwenError(f"{repo} is pinned to revision {entry.revision} by {lock.path}, not {asked}: to move the "
+        raise HubError(f"{repo} is pinned to revision {entry.revision} by {lock.path}, not {asked}: to move the "
                              f"pin run `localqwen lock {repo} --revision {asked}`")
     return entry.revision or asked or "main"
 
@@ -195,7 +173,7 @@ def _check_sources(entry: ModelPin, lock: Lock, snapshot: Snapshot, *, complete:
     first = problems[0]
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     evicted = "; the bad copy was removed from the Hugging Face cache: pull again to download it again" if bad else ""
-    raise LocalqwenError(f"{first.problem}{more}: refused by the lock {lock.path}, nothing was converted{evicted}. If "
+    raise HubError(f"{first.problem}{more}: refused by the lock {lock.path}, nothing was converted{evicted}. If "
                          f"the repository really changed, re-pin it with `localqwen lock {snapshot.repo}`",
                          f"{snapshot.repo}/{first.name}")
 
@@ -235,7 +213,7 @@ def _check_reproduced(entry: ModelPin, made: dict[str, GGUFPin], lock: Lock, ech
         if old is None or old.sha256 == pin.sha256:
             continue
         if old.tools() == pin.tools():
-            raise LocalqwenError(f"the conversion did not reproduce the pinned file: sha256 {pin.sha256[:12]}..., the "
+            raise HubError(f"the conversion did not reproduce the pinned file: sha256 {pin.sha256[:12]}..., the "
                                  f"lock {lock.path} pins {old.sha256[:12]}... for the same localqwen, llama-cpp-python "
                                  "and gguf versions; nothing was added to the store", name)
         echo(f"re-pinned {name}: made by localqwen {pin.localqwen}, llama-cpp-python {pin.llama_cpp_python}, gguf "
@@ -312,8 +290,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def pull_gguf(spec: str, *, revision: str | None = None, lock_file: Path | None = None, force: bool = False,
               quiet: bool = False, echo: Echo = lambda line: None) -> Path:
     """Download a ready GGUF from a GGUF repository into the store, verified against (or pinned in) the lock."""
-    from localqwen.gguf_header import read_header
     from localqwen.hub import download_file
+    from localqwen.metadata import read_metadata
 
     repo, filename = parse_gguf_spec(spec)
     lock = load_lock(lock_file, store_lock_path())
@@ -324,9 +302,9 @@ def pull_gguf(spec: str, *, revision: str | None = None, lock_file: Path | None 
         raise LocalqwenError("already in the store (use --force to replace it)", target)
     snapshot = download_file(repo, filename, rev, quiet=quiet)
     measured = _check_sources(entry, lock, snapshot, complete=False, quiet=quiet)
-    arch = read_header(snapshot.files[filename]).metadata.get("general.architecture")
+    arch = read_metadata(snapshot.files[filename]).architecture
     if arch != GGUF_ARCH:
-        raise LocalqwenError(f"is a {arch} model; localqwen runs {GGUF_ARCH} models", f"{repo}/{filename}")
+        raise HubError(f"is a {arch} model; localqwen runs {GGUF_ARCH} models", f"{repo}/{filename}")
     models_dir().mkdir(parents=True, exist_ok=True)
     _link_or_copy(snapshot.files[filename], target)
     entry = lock.entry(repo)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from localqwen import doctor
-from localqwen.store_cli import doctor_command
+from localqwen.cli.inspection import doctor_command
 
 
 @pytest.fixture(autouse=True)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from localqwen import ContextOverflow, Model, ModelBusy
 from localqwen.constants import IM_END_ID, IM_START_ID, THINKING_BUDGET_WRAP_UP
 from localqwen.convert import convert
 from localqwen.errors import LocalqwenError
 from localqwen.events import Event, Reply
-from localqwen.model import ContextOverflow, Model, ModelBusy
 from localqwen.sampling import Sampling
 from localqwen.synthetic import script_chain, write_chain_checkpoint
 
@@ -76,18 +76,18 @@ def test_cut_off_inside_thinking_is_flagged(scripted: tuple[Model, list[int]]) -
 def test_thinking_budget_closes_thinking_and_answers(scripted: tuple[Model, list[int]]) -> None:
     model, chain = scripted
     reply = run(model, thinking_budget=3)
-    first_three = model.llama.detokenize(chain[1:4]).decode()
+    first_three = model.detokenize(chain[1:4])
     assert reply.thinking == first_three + "\n\n" + THINKING_BUDGET_WRAP_UP.strip()
     assert reply.content == ANSWER and reply.stats.finish_reason == "stop"
 
 
 def test_answer_reserve_keeps_room_for_an_answer(scripted: tuple[Model, list[int]]) -> None:
     model, _ = scripted
-    answer_tokens = len(model.llama.tokenize(ANSWER.encode(), add_bos=False))
+    answer_tokens = len(model.tokenize(ANSWER))
     # The default reserve is a quarter of max_tokens: the smallest max_tokens whose reserve holds the answer (with
     # slack: the budget waits for a multi-byte character to complete) leaves room for only part of the thinking.
     max_tokens = next(m for m in range(1, 1000) if m // 4 >= answer_tokens + 3)
-    assert max_tokens - max_tokens // 4 - model.wrap_up_tokens < len(model.llama.tokenize(THINKING.encode()))
+    assert max_tokens - max_tokens // 4 - model.wrap_up_tokens < len(model.tokenize(THINKING))
     reply = run(model, max_tokens=max_tokens)
     assert reply.thinking.endswith(THINKING_BUDGET_WRAP_UP.strip())
     assert reply.content == ANSWER and reply.stats.finish_reason == "stop"
@@ -203,13 +203,13 @@ def test_cancel_stops_a_long_prompt_evaluation(gguf_files: dict[str, Path]) -> N
         worker = threading.Thread(target=lambda: replies.append(Reply.collect(model.generate(prompt, max_tokens=4))))
         worker.start()
         deadline = time.monotonic() + 60
-        while model.llama.n_tokens < 512 and worker.is_alive() and time.monotonic() < deadline:
+        while model.cached_tokens < 512 and worker.is_alive() and time.monotonic() < deadline:
             time.sleep(0.001)  # until the first batch is in
         model.cancel()
         worker.join(60)
         [reply] = replies
         assert reply.stats.finish_reason == "cancelled" and reply.stats.completion_tokens == 0
-        kept = model.llama.n_tokens
+        kept = model.cached_tokens
         assert 0 < kept < len(prompt) and kept % 512 == 0  # the unfinished batch was dropped, whole ones kept
         again = Reply.collect(model.generate(prompt, max_tokens=4, **GREEDY))  # resumes from the kept batches
         assert again.stats.cached_prompt_tokens == kept and again.stats.completion_tokens == 4

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from localqwen.cli.models import verify_command
 from localqwen.constants import DEFAULT_REPO
 from localqwen.convert import convert
 from localqwen.lock import FilePin, Lock, ModelPin, pin_file, read_lock, sha256_file, tool_versions
-from localqwen.store_cli import verify_command
 from localqwen.synthetic import TINY, write_checkpoint
 
 from .hubserver import StandInHub
@@ -27,7 +27,7 @@ REPO = "test-org/Qwen3-Tiny-Thinking"
 GGUF_REPO = "test-org/Qwen3-Tiny-Thinking-GGUF"
 BIG = "model-00001-of-00003.safetensors"  # the embedding: 19 MB, more than one 10 MiB download chunk
 SMALL = "model-00003-of-00003.safetensors"
-BOOT = "from localqwen import cli as c; from localqwen.store_cli import register; register(c.cli); c.main()"
+BOOT = "from localqwen.cli import main; main()"
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from click.testing import CliRunner, Result
 
 from localqwen import lock as lock_module
 from localqwen import store
+from localqwen.cli.inspection import info_command, plan_command
+from localqwen.cli.models import models_command, rm_command
 from localqwen.constants import DEFAULT_CONTEXT, DEFAULT_REPO, MODEL_NAME
 from localqwen.convert import convert
 from localqwen.errors import LocalqwenError
@@ -27,7 +29,6 @@ from localqwen.lock import (
     read_lock,
     tool_versions,
 )
-from localqwen.store_cli import info_command, models_command, plan_command, rm_command
 from localqwen.synthetic import TINY, tensor_shapes, write_checkpoint
 
 SHA = "ab" * 32
@@ -158,15 +159,15 @@ def test_resolve_model(filled: dict[str, Path]) -> None:
 
 
 def test_missing_default_model_says_how_to_get_it(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for get in (lambda: store.resolve_model(None), lambda: store.ensure_default_model(interactive=False)):
+    for get in (lambda: store.resolve_model(None), lambda: store.ensure_default_model(confirm=None)):
         with pytest.raises(LocalqwenError) as error:
             get()
-        message = error.value.format_message()
+        message = error.value.message
         assert "\n" not in message and "not in the store" in message and str(home / "models") in message
         assert "run `localqwen pull`" in message and "localqwen convert PATH/TO/Qwen3-4B-Thinking-2507" in message
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LocalqwenError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\), so it cannot be pulled"):
-        store.ensure_default_model(interactive=False)
+        store.ensure_default_model(confirm=None)
 
 
 def test_missing_default_model_is_offered(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,11 +179,9 @@ def test_missing_default_model_is_offered(home: Path, monkeypatch: pytest.Monkey
         return [target]
 
     monkeypatch.setattr(store, "pull", fake_pull)
-    monkeypatch.setattr("click.confirm", lambda *args, **kwargs: False)
     with pytest.raises(LocalqwenError, match="run `localqwen pull`"):
-        store.ensure_default_model(interactive=True)
-    monkeypatch.setattr("click.confirm", lambda *args, **kwargs: True)
-    assert store.ensure_default_model(interactive=True) == target
+        store.ensure_default_model(confirm=lambda question: False)
+    assert store.ensure_default_model(confirm=lambda question: True) == target
     assert calls == [(DEFAULT_REPO, ["q4_k_m"])]
 
 
@@ -220,7 +219,7 @@ def test_a_bad_lock_is_one_line_naming_the_file(tmp_path: Path, text: str, probl
     path.write_text(text)
     with pytest.raises(LocalqwenError) as error:
         read_lock(path)
-    message = error.value.format_message()
+    message = error.value.message
     assert message.startswith(f"{path}: not a valid lock file") and problem in message and "\n" not in message
 
 

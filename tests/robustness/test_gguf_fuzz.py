@@ -20,6 +20,7 @@ import pytest
 from localqwen.convert import convert
 from localqwen.errors import LocalqwenError
 from localqwen.gguf_header import read_header
+from localqwen.metadata import read_metadata
 from localqwen.modelcheck import check_model
 from localqwen.synthetic import TINY, write_checkpoint
 
@@ -88,7 +89,7 @@ def mutations(data: bytes) -> list[tuple[str, bytes]]:
 def check(path: Path) -> bool:
     """True if the file passes validation, False if refused with LocalqwenError (anything else fails the test)."""
     try:
-        check_model(read_header(path), path)
+        check_model(read_metadata(path))
     except LocalqwenError as exc:
         assert str(path) in str(exc) and "\n" not in str(exc)
         return False

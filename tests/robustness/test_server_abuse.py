@@ -31,10 +31,12 @@ import httpx
 import psutil
 import pytest
 
-from localqwen import openai_api, server
+from localqwen import server
 from localqwen.constants import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 from localqwen.model import Model
 from localqwen.server import create_app
+from localqwen.server import http as openai_api
+from localqwen.server.state import ServerState
 from localqwen.synthetic import script_chain
 from tests.test_server import load_chain, running
 
@@ -472,7 +474,7 @@ def test_special_tokens_in_every_role_are_plain_text(env: SimpleNamespace) -> No
         assert reply.json()["usage"]["prompt_tokens"] == len(tokens)
 
     # A user message that is exactly one special text costs that text's ordinary tokens, not one control token.
-    literal = model.llama.tokenize(b"<|im_start|>", add_bos=False, special=False)
+    literal = model.tokenize("<|im_start|>")
     assert len(literal) > 1 and IM_START_ID not in literal
     usage = {}
     for text in ("", "<|im_start|>"):
@@ -505,7 +507,8 @@ def test_api_key_is_enforced(env: SimpleNamespace, monkeypatch: pytest.MonkeyPat
         {"Authorization": f"Bearer {KEY}x"},
         {"Authorization": f"Bearer {KEY.upper()}"},
         {"Authorization": f"Bearer {KEY} {KEY}"},
-        {"X-Api-Key": KEY},
+        {"X-Api-Key": "wrong"},
+        {"X-Api-Key": KEY[:-1]},
     ]
     for headers in unauthorized:
         for method, path, body in (("POST", CHAT, {"messages": HI}), ("POST", TEXT, {"prompt": "Hi"}),
@@ -521,8 +524,7 @@ def test_api_key_is_enforced(env: SimpleNamespace, monkeypatch: pytest.MonkeyPat
     assert compared and all(expected == KEY.encode() for _, expected in compared)
     assert (b"wrong", KEY.encode()) in compared
     # And the code has no plain comparison of the key that could leak its prefix by timing.
-    source = inspect.getsource(server.create_app)
-    authorize = source[source.index("def authorize"):source.index("async def read")]
+    authorize = inspect.getsource(ServerState.authorize)
     assert "hmac.compare_digest" in authorize
     assert not re.search(r"(==|!=)\s*api_key|api_key(\.encode\(\))?\s*(==|!=)|startswith", authorize)
 
@@ -532,6 +534,8 @@ def test_api_key_is_enforced(env: SimpleNamespace, monkeypatch: pytest.MonkeyPat
     assert env.http.post(f"{url}{CHAT}", json={"messages": HI}, headers={"Authorization": f"bearer  {KEY}"}
                          ).status_code == 200  # the scheme is case-insensitive; extra spaces are not the key
     assert env.http.get(f"{url}/health").status_code == 200  # health needs no key (it shows no data)
+    # Anthropic's clients send the key as x-api-key: accepted too, compared the same way.
+    assert env.http.get(f"{url}/v1/models", headers={"X-Api-Key": KEY}).status_code == 200
 
 
 # --- bursts and disconnects ------------------------------------------------------------------------------------

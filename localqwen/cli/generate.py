@@ -1,0 +1,86 @@
+"""Commands that generate: `run` (one prompt), `chat` (the terminal chat) and `serve` (the HTTP API)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from localqwen.cli.edge import Command
+from localqwen.cli.options import generation_options, with_model
+
+
+def read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT, or pipe one in (PROMPT '-' reads stdin)")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise click.UsageError("the prompt is empty")
+    return prompt
+
+
+@click.command("run", cls=Command)
+@click.argument("prompt", required=False)
+@with_model
+@generation_options
+@click.option("--show-thinking", is_flag=True, help="Stream the thinking to stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with thinking, content and stats.")
+def run_command(model: Any, prompt: str | None, system: str | None, show_thinking: bool, as_json: bool,
+                **options: Any) -> None:
+    """Answer one PROMPT (or stdin) and exit: the answer on stdout, thinking on stderr if asked."""
+    from localqwen.events import Reply
+
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": read_prompt(prompt)}]
+    events = model.chat(messages, **options)
+    if as_json:
+        click.echo(json.dumps(Reply.collect(events).to_dict(), ensure_ascii=False))
+        return
+    for event in events:
+        if event.kind == "thinking" and show_thinking:
+            click.secho(event.text, err=True, dim=True, nl=False)
+        elif event.kind == "content":
+            click.echo(event.text, nl=False)
+        elif event.kind == "tool_call":
+            click.echo(json.dumps({"tool_call": event.tool_call.raw}, ensure_ascii=False))
+        elif event.kind == "done":
+            click.echo()
+            if event.stats.finish_reason == "length":
+                where = " while thinking" if event.stats.truncated_thinking else ""
+                click.secho(f"[stopped at the token limit{where}]", err=True, dim=True)
+
+
+@click.command("chat", cls=Command)
+@with_model
+@generation_options
+@click.option("--hide-thinking", is_flag=True, help="Show only a one-line summary of the thinking.")
+@click.option("--verbose", is_flag=True, help="Print timing stats after each reply.")
+def chat_command(model: Any, system: str | None, max_tokens: int | None, thinking_budget: int | None,
+                 hide_thinking: bool, verbose: bool, **sampling: Any) -> None:
+    """Chat in the terminal: thinking shown apart, /help for commands, Ctrl+D or /bye to leave."""
+    from localqwen.chat import chat_repl
+    from localqwen.conversation import ChatSettings
+
+    chat_repl(model, ChatSettings(system=system, hide_thinking=hide_thinking, verbose=verbose, max_tokens=max_tokens,
+                                  thinking_budget=thinking_budget,
+                                  sampling={k: v for k, v in sampling.items() if v is not None}))
+
+
+@click.command("serve", cls=Command)
+@with_model
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="LOCALQWEN_API_KEY", help="Require this bearer key (env LOCALQWEN_API_KEY).")
+@click.option("--reasoning-format", type=click.Choice(["deepseek", "none"]), default="deepseek", show_default=True,
+              help="deepseek: thinking in reasoning_content; none: <think>...</think> left in content.")
+def serve_command(model: Any, host: str, port: int, api_key: str | None, reasoning_format: str) -> None:
+    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from localqwen.server import serve
+
+    serve(model, host=host, port=port, api_key=api_key, reasoning_format=reasoning_format)
+
+
+COMMANDS = (run_command, chat_command, serve_command)
