@@ -36,11 +36,12 @@ from typing import Any, Literal, TypeVar
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from localqwen.constants import DEFAULT_MAX_TOKENS
 from localqwen.events import Event
 from localqwen.model import Model
 from localqwen.openai_api import (
@@ -50,6 +51,7 @@ from localqwen.openai_api import (
     ChatRequest,
     CompletionRequest,
     GenerationRequest,
+    Message,
     NamedToolChoice,
     api_error,
     check_json,
@@ -62,6 +64,11 @@ from localqwen.openai_api import (
 T = TypeVar("T")
 RETRY_AFTER_S = 2
 R = TypeVar("R", bound=GenerationRequest)
+
+
+class TokenizeRequest(BaseModel):
+    messages: list[Message] | None = None
+    content: str | None = None
 
 
 # --- generation across the thread boundary -----------------------------------------------------------------------
@@ -373,6 +380,28 @@ def create_app(model: Model, *, api_key: str | None = None, reasoning_format: st
         authorize(request)
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                             "owned_by": "localqwen", "context_length": model.n_ctx}]}
+
+    # Stand-in for the lead's /props and /tokenize (main will carry the real ones): just what the web page needs.
+    @app.get("/props")
+    async def props() -> dict[str, Any]:
+        defaults = model.sampling.to_dict()
+        return {"model": model_id, "context_length": model.n_ctx,
+                "sampling": {k: defaults[k] for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty")},
+                "max_tokens": DEFAULT_MAX_TOKENS, "reasoning_effort": REASONING_EFFORT, "answer_now": False,
+                "api_key_required": api_key is not None}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        authorize(request)
+        try:
+            body = TokenizeRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        if body.messages is not None:
+            tokens = model.tokenize_chat([m.for_template() for m in body.messages])
+        else:
+            tokens = model.llama.tokenize((body.content or "").encode(), add_bos=False, special=False)
+        return {"tokens": tokens, "count": len(tokens)}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
