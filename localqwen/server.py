@@ -30,7 +30,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
 import uvicorn
@@ -60,6 +60,7 @@ from localqwen.openai_api import (
     usage,
     validation_error,
 )
+from localqwen.web import install_web
 
 T = TypeVar("T")
 RETRY_AFTER_S = 2
@@ -202,8 +203,10 @@ class EventStream(StreamingResponse):
 # --- the app -----------------------------------------------------------------------------------------------------
 
 def create_app(model: Model, *, api_key: str | None = None, reasoning_format: str = "deepseek",
-               model_id: str | None = None, max_queue: int = 8, max_body_bytes: int = 4 << 20) -> FastAPI:
-    """The API for `model`. reasoning_format: "deepseek" (reasoning_content) or "none" (<think> in content)."""
+               model_id: str | None = None, max_queue: int = 8, max_body_bytes: int = 4 << 20,
+               cors_origins: Sequence[str] = ()) -> FastAPI:
+    """The API for `model`, and the web chat page at `/`. reasoning_format: "deepseek" (reasoning_content) or
+    "none" (<think> in content). cors_origins: other sites' pages allowed to call the API (localqwen.web.guard)."""
     if reasoning_format not in ("deepseek", "none"):
         raise ValueError(f"reasoning_format must be 'deepseek' or 'none', not {reasoning_format!r}")
     model_id = model_id or model.path.stem
@@ -408,15 +411,17 @@ def create_app(model: Model, *, api_key: str | None = None, reasoning_format: st
         return {"status": "ok", "model": model_id, "generating": scheduler.slot.locked(),
                 "waiting": scheduler.waiting}
 
+    install_web(app, cors_origins)
     return app
 
 
 def serve(model: Model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          reasoning_format: str = "deepseek") -> None:
-    """Serve the API until Ctrl+C (loopback only by default)."""
-    app = create_app(model, api_key=api_key, reasoning_format=reasoning_format)
+          reasoning_format: str = "deepseek", cors_origins: Sequence[str] = ()) -> None:
+    """Serve the API and the chat page until Ctrl+C (loopback only by default)."""
+    app = create_app(model, api_key=api_key, reasoning_format=reasoning_format, cors_origins=cors_origins)
     shown = f"[{host}]" if ":" in host else host
-    print(f"localqwen: serving {model.path.stem} (context {model.n_ctx}) at http://{shown}:{port}/v1", flush=True)
+    print(f"localqwen: serving {model.path.stem} (context {model.n_ctx}) at http://{shown}:{port}/v1, "
+          f"chat page at http://{shown}:{port}/", flush=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print("localqwen: warning: listening beyond this machine without an API key (--api-key)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3)
