@@ -364,6 +364,7 @@ async function reply(conversation) {
   running = null;
   setRunning();
   refresh(message, false);
+  if (!conversations.includes(conversation)) return;  // deleted while it replied
   await persist(conversation);
   if (conversation === current) updateContext();
 }

@@ -74,7 +74,10 @@ export function assistantView(message, { onRegenerate }) {
       details.open = true;  // thinking live
     }
     summary.textContent = thinkingSummary(message, live);
-    if (thinking.textContent !== message.reasoning) thinking.textContent = message.reasoning ?? "";
+    if (thinking.textContent !== message.reasoning) {
+      thinking.textContent = message.reasoning ?? "";
+      if (live) thinking.scrollTop = thinking.scrollHeight;
+    }
     if (renderedAnswer !== message.content) {
       renderMarkdown(answer, message.content);
       renderedAnswer = message.content;
