@@ -475,6 +475,11 @@ def test_export_then_import_gives_the_same_conversation(servers: dict, watch, tm
     page.fill("#settings [name=top_k]", "10")
     page.select_option("#settings [name=reasoning_effort]", "low")
     page.click("#settings button[value=save]")
+    page.click("#open-settings")
+    assert page.input_value("#settings [name=top_k]") == "10"
+    assert page.get_attribute("#settings [name=temperature]", "placeholder") == "0.6"  # the model's default
+    page.fill("#settings [name=temperature]", "1.5")
+    page.keyboard.press("Escape")  # closes without saving
     with new_reply(page, 1):
         send(page, "Hi")
     with new_reply(page, 2):

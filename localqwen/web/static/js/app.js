@@ -39,6 +39,7 @@ function notice(text, kind = "error") {
 function askForKey(reason) {
   $("key-reason").textContent = reason;
   ui.keyForm.reset();
+  ui.keyDialog.returnValue = "";  // older browsers keep the last value when Esc closes a dialog
   ui.keyDialog.showModal();
   return new Promise((resolve) => {
     ui.keyDialog.addEventListener("close", () => {
@@ -355,7 +356,7 @@ async function reply(conversation) {
       updateAnswerNow();
       scheduleRefresh();
     }));
-    if (!message.finish_reason) message.error = "the server ended the reply early (was it stopped?)";
+    if (!message.finish_reason) message.error = "the connection closed before the reply finished";
   } catch (error) {
     if (controller.signal.aborted) message.stopped = true;
     else message.error = error.message;
@@ -395,6 +396,7 @@ function openSettings() {
     element.value = current.settings[element.name] ?? "";
     if (element.name in defaults) element.placeholder = String(defaults[element.name]);
   }
+  ui.settings.returnValue = "";  // older browsers keep the last Save when Esc closes a dialog
   ui.settings.showModal();
 }
 

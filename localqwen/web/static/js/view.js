@@ -11,7 +11,7 @@ function clone(id) {
 }
 
 /** "Thought for N tokens, X s": the server's exact count when the reply finished, else the deltas seen (~). */
-export function thinkingSummary(message, live) {
+function thinkingSummary(message, live) {
   const stats = message.stats ?? {};
   if (live && !message.content) return "Thinking…";
   const tokens = stats.thinking_tokens ?? (stats.thinking_deltas === undefined ? null : `~${count(stats.thinking_deltas)}`);
