@@ -1,8 +1,10 @@
 // The chat page: conversations in the sidebar, the open one in the middle, a streamed reply at a time.
 
-import { answerNow, ApiError, apiKey, countTokens, getProps, streamChat } from "./api.js";
+import { answerNow, ApiError, apiKey, countTokens, getProps } from "./api.js";
+import { streamInto } from "./reply.js";
+import { addEffortOptions, fillForm, readForm, requestFields } from "./settings.js";
 import {
-  deleteConversation, fromFile, listConversations, newConversation, saveConversation, toFile,
+  deleteConversation, downloadConversation, fromFile, listConversations, newConversation, saveConversation,
 } from "./store.js";
 import { assistantView, userView } from "./view.js";
 
@@ -15,9 +17,6 @@ const ui = {
   importFile: $("import-file"), exportButton: $("export"),
 };
 const CURRENT_KEY = "localqwen.current";
-const NUMBER_SETTINGS = ["temperature", "top_p", "top_k", "min_p", "presence_penalty", "seed", "max_tokens",
-  "thinking_budget"];
-const REQUEST_SETTINGS = [...NUMBER_SETTINGS, "reasoning_effort"];
 
 let props;                // GET /props: model, context_length, defaults
 let conversations = [];   // all stored, most recent first
@@ -26,7 +25,6 @@ let running = null;       // { conversation, message, controller, id } while a r
 let views = new Map();    // message -> its view, for the conversation on screen
 
 const count = (n) => n.toLocaleString("en");
-const round = (x) => Math.round(x * 1000) / 1000;
 
 // --- notices and the API key -----------------------------------------------------------------------------------
 
@@ -285,11 +283,7 @@ async function regenerate(message) {
 }
 
 function requestBody(conversation) {
-  const body = { messages: apiMessages(conversation.settings, conversation.messages) };
-  for (const name of REQUEST_SETTINGS) {
-    if (conversation.settings[name] !== undefined) body[name] = conversation.settings[name];
-  }
-  return body;
+  return { messages: apiMessages(conversation.settings, conversation.messages), ...requestFields(conversation.settings) };
 }
 
 /** Stream the model's reply to `conversation` (which ends with a user message) into a new assistant message. */
@@ -303,29 +297,6 @@ async function reply(conversation) {
   setRunning();
   if (conversation === current) addView(message);
 
-  const started = performance.now();
-  let first = null;
-  let answerAt = null;
-  let thinkingDeltas = 0;
-  let usage = null;
-  const measure = (end) => {
-    const stats = {};
-    if (first !== null) stats.ttft_s = round((first - started) / 1000);
-    if (message.reasoning) {
-      stats.thinking_deltas = thinkingDeltas;
-      stats.thinking_s = round(((answerAt ?? end) - first) / 1000);
-    }
-    if (usage) {
-      stats.prompt_tokens = usage.prompt_tokens;
-      stats.completion_tokens = usage.completion_tokens;
-      stats.thinking_tokens = usage.completion_tokens_details?.reasoning_tokens ?? 0;
-      if (usage.completion_tokens > 1 && end > first) {
-        stats.tokens_per_s = round((usage.completion_tokens - 1) / ((end - first) / 1000));
-      }
-    }
-    stats.total_s = round((end - started) / 1000);
-    return stats;
-  };
   let frame = null;
   const scheduleRefresh = () => {
     frame ??= requestAnimationFrame(() => {
@@ -333,26 +304,9 @@ async function reply(conversation) {
       if (running?.message === message) refresh(message, true);
     });
   };
-
   try {
-    await withKey(() => streamChat(body, controller.signal, (chunk) => {
-      running.id ??= chunk.id;
-      if (chunk.usage) usage = chunk.usage;
-      const now = performance.now();
-      for (const { delta, finish_reason: finish } of chunk.choices ?? []) {
-        if (delta?.reasoning_content) {
-          first ??= now;
-          thinkingDeltas += 1;
-          message.reasoning += delta.reasoning_content;
-        }
-        if (delta?.content) {
-          first ??= now;
-          answerAt ??= now;
-          message.content += delta.content;
-        }
-        if (finish) message.finish_reason = finish;
-      }
-      message.stats = measure(now);
+    await withKey(() => streamInto(message, body, controller.signal, (id) => {
+      running.id ??= id;
       updateAnswerNow();
       scheduleRefresh();
     }));
@@ -361,7 +315,6 @@ async function reply(conversation) {
     if (controller.signal.aborted) message.stopped = true;
     else message.error = error.message;
   }
-  message.stats = measure(performance.now());
   running = null;
   setRunning();
   refresh(message, false);
@@ -389,41 +342,16 @@ function updateAnswerNow() {
 // --- settings, export, import ------------------------------------------------------------------------------------
 
 function openSettings() {
-  const form = ui.settingsForm;
-  const defaults = { ...props.sampling, max_tokens: props.max_tokens };
-  for (const element of form.elements) {
-    if (!element.name) continue;
-    element.value = current.settings[element.name] ?? "";
-    if (element.name in defaults) element.placeholder = String(defaults[element.name]);
-  }
+  fillForm(ui.settingsForm, current.settings, props);
   ui.settings.returnValue = "";  // older browsers keep the last Save when Esc closes a dialog
   ui.settings.showModal();
 }
 
 async function saveSettings() {
   if (ui.settings.returnValue !== "save") return;
-  const data = new FormData(ui.settingsForm);
-  const settings = {};
-  for (const [name, value] of data) {
-    if (value === "") continue;
-    settings[name] = NUMBER_SETTINGS.includes(name) ? Number(value) : value;
-  }
-  current.settings = settings;
+  current.settings = readForm(ui.settingsForm);
   if (current.messages.length) await persist(current, { touch: false });
   updateContext();
-}
-
-function fileName(title) {
-  return (title || "conversation").replace(/[^\p{L}\p{N}]+/gu, "-").replace(/^-|-$/g, "").slice(0, 60) || "conversation";
-}
-
-function exportConversation() {
-  const blob = new Blob([JSON.stringify(toFile(current), null, 2)], { type: "application/json" });
-  const link = document.createElement("a");
-  link.href = URL.createObjectURL(blob);
-  link.download = `${fileName(current.title)}.json`;
-  link.click();
-  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
 }
 
 async function importFiles(files) {
@@ -479,7 +407,7 @@ function wire() {
   $("settings-reset").addEventListener("click", () => {
     for (const element of ui.settingsForm.elements) if (element.name) element.value = "";
   });
-  ui.exportButton.addEventListener("click", exportConversation);
+  ui.exportButton.addEventListener("click", () => downloadConversation(current));
   $("import").addEventListener("click", () => ui.importFile.click());
   ui.importFile.addEventListener("change", async () => {
     await importFiles([...ui.importFile.files]);
@@ -496,10 +424,7 @@ async function boot() {
     return;
   }
   ui.modelName.textContent = `${props.model} · context ${count(props.context_length)} tokens`;
-  const effort = ui.settingsForm.elements.reasoning_effort;
-  for (const [name, budget] of Object.entries(props.reasoning_effort)) {
-    effort.append(new Option(`${name} (${budget === null ? "unlimited" : `${count(budget)} tokens`})`, name));
-  }
+  addEffortOptions(ui.settingsForm.elements.reasoning_effort, props.reasoning_effort);
   if (props.api_key_required && !apiKey.get()) await askForKey("This server needs an API key.");
   conversations = await listConversations();
   const last = localStorage.getItem(CURRENT_KEY);

@@ -2,15 +2,12 @@
 // and written to / read from JSON files. An imported file is untrusted: only known fields of the right types are
 // kept, and everything is shown as text or through the sanitiser.
 
+import { SETTING_TYPES } from "./settings.js";
+
 const DB_NAME = "localqwen";
 const STORE = "conversations";
 export const FILE_FORMAT = "localqwen-conversation";
 const FILE_VERSION = 1;
-const SETTING_TYPES = {
-  system: "string", temperature: "number", top_p: "number", top_k: "number", min_p: "number",
-  presence_penalty: "number", seed: "number", max_tokens: "number", thinking_budget: "number",
-  reasoning_effort: "string",
-};
 const MESSAGE_TEXT = ["content", "reasoning", "finish_reason", "error"];
 const STAT_NAMES = [
   "prompt_tokens", "completion_tokens", "thinking_tokens", "thinking_deltas", "ttft_s", "thinking_s", "total_s",
@@ -54,6 +51,17 @@ export function newConversation() {
 export function toFile(conversation) {
   const { title, created, updated, settings, messages } = conversation;
   return { format: FILE_FORMAT, version: FILE_VERSION, title, created, updated, settings, messages };
+}
+
+/** Save the conversation as a JSON file, through the browser's download. */
+export function downloadConversation(conversation) {
+  const blob = new Blob([JSON.stringify(toFile(conversation), null, 2)], { type: "application/json" });
+  const name = (conversation.title || "conversation").replace(/[^\p{L}\p{N}]+/gu, "-").replace(/^-|-$/g, "").slice(0, 60);
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = `${name || "conversation"}.json`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
 }
 
 class FormatError extends Error {}

@@ -62,14 +62,14 @@ export function assistantView(message, { onRegenerate }) {
   actions.prepend(copyButton(() => message.content));
   actions.querySelector(".regenerate").addEventListener("click", () => onRegenerate(message));
   let renderedAnswer = null;
-  let answerStarted = Boolean(message.content);
+  let folded = Boolean(message.content);
 
   function update({ live = false } = {}) {
     element.classList.toggle("live", live);
     details.hidden = !message.reasoning;
-    if (live && !answerStarted && message.content) {
-      answerStarted = true;
-      details.open = false;  // the answer began: fold the thinking away (it can be opened again)
+    if (message.content && !folded) {
+      folded = true;
+      details.open = false;  // the answer began: fold the thinking away, once (it can be opened again)
     } else if (live && !message.content) {
       details.open = true;  // thinking live
     }
