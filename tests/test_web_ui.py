@@ -1,5 +1,6 @@
 """The web chat page of `localqwen serve`, in a real headless Chromium (Debian's `chromium`, driven by Playwright),
-against the real server on a loopback port with known-output chain models.
+against the real server on a loopback port with known-output chain models. (A chain model's next token outweighs
+all others so far that the page's default sampling, the model card's, gives the scripted text as greedy decoding does.)
 
 Every page opened here records the requests it makes to other origins (they are also aborted, so nothing leaves the
 machine) and its script errors and CSP violations; each test ends by asserting there were none.
@@ -80,7 +81,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("web")
     chain, _ = script_chain(THINKING, ANSWER)
     xss_chain, _ = script_chain(XSS_THINKING, XSS_ANSWER)
-    # "Hmm", then (greedy) "!" forever: a reply that thinks until it is stopped.
+    # "Hmm", then at temperature 0 "!" forever: a reply that thinks until it is stopped.
     endless_chain = script_chain("Hmm", "Sure")[0][:2]
     loaded = {"scripted": load_chain(tmp, "scripted", chain), "xss": load_chain(tmp, "xss", xss_chain),
               "endless": load_chain(tmp, "endless", endless_chain, n_ctx=8192)}
@@ -107,7 +108,7 @@ ATTACK_PAGE = b"""<!doctype html><script>
 
 
 class AttackPage(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", str(len(ATTACK_PAGE)))
