@@ -42,9 +42,13 @@ export const listConversations = async () =>
 export const saveConversation = (conversation) => run("readwrite", (store) => store.put(conversation));
 export const deleteConversation = (id) => run("readwrite", (store) => store.delete(id));
 
+// (crypto.randomUUID exists only in secure contexts: not on plain http to a LAN address.)
+const newId = () => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0"))
+  .join("");
+
 export function newConversation() {
   const now = Date.now();
-  return { id: crypto.randomUUID(), title: "", created: now, updated: now, settings: {}, messages: [] };
+  return { id: newId(), title: "", created: now, updated: now, settings: {}, messages: [] };
 }
 
 /** The conversation as a file: everything but its id (an import gets a new one). */
