@@ -36,7 +36,7 @@ async function errorMessage(response) {
   }
 }
 
-/** The model's name, context and defaults (GET /props). Needs no key: it says whether one is needed. */
+/** The model's name, context and defaults (GET /props), and whether the API needs a key. */
 export const getProps = async () => (await request("props")).json();
 
 /** Tokens of the prompt the chat template makes from `messages` (generation prompt included). */

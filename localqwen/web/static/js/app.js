@@ -418,7 +418,7 @@ function wire() {
 async function boot() {
   wire();
   try {
-    props = await getProps();
+    props = await withKey(getProps);  // in case /props itself wants the key
   } catch (error) {
     notice(`Cannot reach the localqwen server (${error.message}). Is \`localqwen serve\` running?`);
     return;
