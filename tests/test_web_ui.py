@@ -139,6 +139,7 @@ def servers(models: dict, attacker: str) -> Iterator[dict[str, str]]:
             "main": stack.enter_context(running(create_app(models["scripted"], model_id="qwen-test"))),
             "keyed": stack.enter_context(running(create_app(models["scripted"], api_key=KEY))),
             "cors": stack.enter_context(running(create_app(models["scripted"], cors_origins=[attacker]))),
+            "none": stack.enter_context(running(create_app(models["scripted"], reasoning_format="none"))),
             "xss": stack.enter_context(running(create_app(models["xss"]))),
             "endless": stack.enter_context(running(create_app(models["endless"]))),
         }
@@ -317,6 +318,20 @@ def test_reply_shows_exact_thinking_collapsed_and_answer(servers: dict, models: 
     page.wait_for_function("text => document.getElementById('context-use').textContent === text",
                            arg=f"{used} / 512 tokens")
     assert page.locator("#answer-now").is_hidden()  # /props says the server cannot end thinking early yet
+
+
+def test_thinking_left_in_the_text_is_split_too(servers: dict, models: dict, watch) -> None:
+    # serve --reasoning-format none: "<think>\n...\n</think>\n\n" opens the content; the page splits it itself.
+    page = watch(servers["none"]).page()
+    with new_reply(page):
+        send(page, "Hi")
+    reply = page.locator(".message.assistant")
+    assert reply.locator("details.thinking").evaluate("d => d.open") is False
+    tokens = models["chain"].index(THINK_CLOSE_ID)
+    assert re.fullmatch(rf"Thought for {tokens} tokens, \d+\.\d s", reply.locator("summary").inner_text())
+    reply.locator("summary").click()
+    assert reply.locator(".thinking-text").inner_text() == THINKING
+    assert reply.locator(".answer").inner_text() == ANSWER
 
 
 def test_stop_ends_a_reply_and_its_generation(servers: dict, watch) -> None:
