@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -283,6 +285,10 @@ def test_vendored_libraries_match_their_record() -> None:
             assert hashlib.sha256(data).hexdigest() == digest, file
             total += len(data)
     assert total < 1 << 20  # the page stays small: MathML needs no KaTeX fonts
+    # The script that vendors them pins the same versions (its --check reads no network).
+    script = Path(__file__).resolve().parent.parent / "scripts" / "vendor_web.py"
+    checked = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert checked.returncode == 0 and "4 packages" in checked.stdout, checked.stderr
 
 
 # --- chatting -----------------------------------------------------------------------------------------------------
