@@ -303,6 +303,8 @@ def test_reply_shows_exact_thinking_collapsed_and_answer(servers: dict, models: 
     page.fill("#input", "Hi")
     with new_reply(page):
         page.press("#input", "Enter")
+        page.press("#input", "Enter")  # a second Enter while the first is checked sends nothing more
+    assert watched.posts("/v1/chat/completions") == 1 and page.locator(".message.user").count() == 1
 
     reply = page.locator(".message.assistant")
     thinking = reply.locator("details.thinking")

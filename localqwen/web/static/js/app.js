@@ -22,6 +22,7 @@ let props;                // GET /props: model, context_length, defaults
 let conversations = [];   // all stored, most recent first
 let current;              // the conversation on screen (stored once it has a message)
 let running = null;       // { conversation, message, controller, id } while a reply streams
+let checking = false;     // a message is being measured against the context, before it goes out
 let views = new Map();    // message -> its view, for the conversation on screen
 
 const count = (n) => n.toLocaleString("en");
@@ -208,16 +209,25 @@ async function fits(messages) {
   return false;
 }
 
-async function send(text) {
-  if (running || !text.trim()) return;
+/** Whether `text` may go out now as the next user message after `before`: nothing else running or being checked, and
+ * it fits the context (else the notice says why). */
+async function mayAsk(conversation, before, text) {
+  if (running || checking || !text.trim()) return false;
   notice(null);
-  const conversation = current;
+  checking = true;
   try {
-    if (!(await fits([...apiMessages(conversation.settings, conversation.messages), { role: "user", content: text }]))) return;
+    return await fits([...apiMessages(conversation.settings, before), { role: "user", content: text }]);
   } catch (error) {
     notice(error.message);
-    return;
+    return false;
+  } finally {
+    checking = false;
   }
+}
+
+async function send(text) {
+  const conversation = current;
+  if (!(await mayAsk(conversation, conversation.messages, text))) return;
   ui.input.value = "";
   autosize();
   const message = { role: "user", content: text };
@@ -259,15 +269,8 @@ function editMessage(message, element) {
 async function resend(message, text) {
   const conversation = current;
   const index = conversation.messages.indexOf(message);
-  if (running || index < 0 || !text.trim()) return;
   const before = conversation.messages.slice(0, index);
-  notice(null);
-  try {
-    if (!(await fits([...apiMessages(conversation.settings, before), { role: "user", content: text }]))) return;
-  } catch (error) {
-    notice(error.message);
-    return;
-  }
+  if (index < 0 || !(await mayAsk(conversation, before, text))) return;
   conversation.messages = [...before, { role: "user", content: text }];
   renderMessages();
   await reply(conversation);
