@@ -113,7 +113,8 @@ def test_metrics_show_the_running_generation_and_the_queue(env: SimpleNamespace)
     endless = {"messages": HI, "max_tokens": 30000, "temperature": 0.0}
     with running(create_app(env.endless, api_key=KEY)) as url, httpx.Client(timeout=30, headers=AUTH) as http, \
             http.stream("POST", f"{url}/v1/chat/completions", json={**endless, "stream": True}) as response:
-        next(response.iter_lines())  # the model is busy with this one
+        lines = response.iter_lines()  # held: a dropped iterator closes the response
+        next(lines)  # the model is busy with this one
         queued = threading.Thread(target=lambda: http.post(f"{url}/v1/chat/completions", json={
             **endless, "max_tokens": 4}))
         queued.start()
