@@ -423,7 +423,7 @@ def test_unknown_model_name_is_accepted(env: SimpleNamespace) -> None:
 
 
 def test_unknown_paths_404_and_wrong_methods_405(env: SimpleNamespace) -> None:
-    for path in ("/v1/nothing", "/v1/chat/completion", "/v2/chat/completions", "/", "/v1/models/x/y",
+    for path in ("/v1/nothing", "/v1/chat/completion", "/v2/chat/completions", "/v1/models/x/y",
                  "/%2e%2e/%2e%2e/etc/passwd", "/v1/" + "a" * 4000):
         err = error(env.http.get(f"{env.open}{path}"), 404, code="not_found")
         assert err["type"] == "invalid_request_error"
