@@ -246,3 +246,16 @@ def test_errors_have_anthropics_shape(env: SimpleNamespace) -> None:
     # The bearer key works as well as x-api-key.
     reply = httpx.post(url, json={"max_tokens": 5, "messages": HI}, headers={"Authorization": f"Bearer {KEY}"})
     assert reply.status_code == 200 and reply.json()["stop_reason"] == "max_tokens"
+
+
+def test_pings_keep_a_quiet_stream_alive(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A long prompt evaluation sends nothing for minutes; pings keep clients' read timeouts from firing. Here a
+    # tiny interval makes every pause between tokens (and the prompt's evaluation) long enough for one.
+    monkeypatch.setattr(dialect, "PING_S", 1e-4)  # the server runs in this process and reads it at each wait
+    body = {"model": "m", "max_tokens": 200, "messages": HI, "stream": True, "temperature": 0.0}
+    with httpx.stream("POST", f"{env.main}/v1/messages", json=body, headers={"x-api-key": KEY}) as response:
+        names = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event: ")]
+    assert names.count("ping") > 1 and names[-1] == "message_stop"
+    # The client library ignores them: the message is whole.
+    with client(env.main).messages.stream(model="m", max_tokens=200, messages=HI, **GREEDY) as stream:
+        assert blocks(stream.get_final_message()) == [("thinking", THINKING), ("text", ANSWER)]
