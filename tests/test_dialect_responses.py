@@ -95,9 +95,11 @@ def test_instructions_effort_and_max_output_tokens(env: SimpleNamespace) -> None
     assert instructed.usage.input_tokens == len(expected) and instructed.instructions == "Be brief."
     none = api.responses.create(model="m", input="Hi", reasoning={"effort": "none"}, **GREEDY)  # budget 0
     assert items(none) == [("reasoning", WRAP_UP), ("message", ANSWER)] and none.reasoning.effort == "none"
+    assert items(api.responses.create(model="m", input="Hi", reasoning={"effort": "xhigh"}, **GREEDY)) == [
+        ("reasoning", THINKING), ("message", ANSWER)]  # as "high": no budget
     short = api.responses.create(model="m", input="Hi", max_output_tokens=5, **GREEDY)
     assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
-    assert short.usage.output_tokens == 5
+    assert short.usage.output_tokens == 5 and [item.status for item in short.output] == ["incomplete"]
     events = list(api.responses.create(model="m", input="Hi", max_output_tokens=5, stream=True, **GREEDY))
     assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
 

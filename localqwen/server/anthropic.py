@@ -19,6 +19,8 @@ Choices, for clients to rely on:
   (Anthropic's server tools) are left out: nothing here runs them.
 - `usage`: input_tokens are the prompt tokens evaluated, cache_read_input_tokens those reused from the KV cache (their
   sum is the prompt). A stream's message_start carries zeros; its message_delta carries the totals.
+- An assistant message last in `messages` is a finished turn, not a prefill for the model to continue.
+- Image and document blocks get a 400: the model reads text only.
 - Errors: {"type": "error", "error": {"type", "message"}} with Anthropic's types, also as a stream's `error` event.
 - Claude Code's system prompt starts with a billing header whose `cch=` stamp changes with every request; the stamp
   is set to a constant, or no request could reuse the KV cache of the previous one (llama.cpp does the same).

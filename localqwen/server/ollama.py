@@ -68,7 +68,7 @@ class ToolCallIn(Strict):
 
 class Message(Strict):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = None
     thinking: str | None = None
     images: list[str] | None = None
     tool_calls: list[ToolCallIn] | None = None
@@ -77,7 +77,7 @@ class Message(Strict):
     def for_template(self) -> dict[str, Any]:
         if self.images:
             raise APIError(400, "images are not supported: this model reads text only")
-        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        out: dict[str, Any] = {"role": self.role, "content": self.content or ""}
         if self.thinking is not None:
             out["reasoning_content"] = self.thinking
         if self.tool_calls:

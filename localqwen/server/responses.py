@@ -9,8 +9,8 @@ Choices, for clients to rely on:
 - Thinking comes as a `reasoning` item whose `content` holds the text (`reasoning_text`; no summaries), streamed as
   response.reasoning_text.delta. A reasoning item sent back becomes the next assistant turn's reasoning_content
   (its content, else its summary); `encrypted_content` is neither made nor read.
-- `reasoning.effort` is a thinking budget (openai.REASONING_EFFORT), `max_output_tokens` the limit of thinking and
-  answer together; running out of it makes the response "incomplete" (reason max_output_tokens).
+- `reasoning.effort` is a thinking budget (openai.REASONING_EFFORT; "xhigh" as "high"), `max_output_tokens` the limit
+  of thinking and answer together; running out of it makes the response "incomplete" (reason max_output_tokens).
 - Function tools only: tools of other types (web search, file search, shell, ...) are left out, as nothing here
   runs them. "required" and named tool choices are passed on as tools (the model is not constrained). A tool call
   that is not valid JSON with a name and object arguments stays text.
@@ -36,6 +36,7 @@ from localqwen.server.openai import REASONING_EFFORT, ChatOutput, GenerationOpti
 from localqwen.server.runs import EventStream, Generation, collect, events_of
 from localqwen.server.state import ServerState
 
+EFFORT_ALIASES = {"xhigh": "high"}  # newer OpenAI effort names, as the nearest of REASONING_EFFORT
 router = APIRouter()
 
 
@@ -183,9 +184,10 @@ def chat_arguments(req: ResponsesRequest) -> dict[str, Any]:
         arguments["max_tokens"] = req.max_output_tokens
     effort = req.reasoning.effort if req.reasoning is not None else None
     if effort is not None:
+        effort = EFFORT_ALIASES.get(effort, effort)
         if effort not in REASONING_EFFORT:
-            raise APIError(400, f"reasoning.effort must be one of {', '.join(REASONING_EFFORT)}, not {effort!r}",
-                           param="reasoning.effort")
+            raise APIError(400, f"reasoning.effort must be one of {', '.join([*REASONING_EFFORT, *EFFORT_ALIASES])},"
+                                f" not {req.reasoning.effort!r}", param="reasoning.effort")
         arguments.setdefault("thinking_budget", REASONING_EFFORT[effort])
     tools = [] if req.tool_choice == "none" else [
         {"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
@@ -248,7 +250,7 @@ class Output:
         part = item["content"][0]
         done = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
         extra = {"logprobs": []} if item["type"] == "message" else {}
-        item["status"] = "completed"
+        item["status"] = "incomplete" if self.output.finish_reason == "length" else "completed"
         return [self.event(done, **where, content_index=0, text=part["text"], **extra),
                 self.event("response.content_part.done", **where, content_index=0, part=part),
                 self.event("response.output_item.done", output_index=where["output_index"], item=item)]
