@@ -146,6 +146,12 @@ def sign(thinking: str) -> str:
     return base64.b64encode(hmac.new(SIGNING_KEY, thinking.encode(), hashlib.sha256).digest()).decode()
 
 
+def signed(block: ThinkingBlock) -> bool:
+    """Whether this server wrote the thinking block, compared in constant time (as bytes: a client's signature may
+    hold any character)."""
+    return hmac.compare_digest(block.signature.encode(), sign(block.thinking).encode())
+
+
 def system_text(system: str | list[TextBlock] | None) -> str:
     texts = [system] if isinstance(system, str) else [block.text for block in system or []]
     return "\n\n".join(BILLING_STAMP.sub("cch=00000;", t, count=1) if t.startswith(BILLING_HEADER) else t
@@ -170,8 +176,7 @@ def template_messages(req: CountTokensRequest) -> list[dict[str, Any]]:
 
 def assistant_turn(blocks: list[Any]) -> dict[str, Any]:
     turn: dict[str, Any] = {"role": "assistant", "content": "".join(b.text for b in blocks if b.type == "text")}
-    reasoning = [b.thinking for b in blocks if b.type == "thinking" and hmac.compare_digest(b.signature,
-                                                                                            sign(b.thinking))]
+    reasoning = [b.thinking for b in blocks if b.type == "thinking" and signed(b)]
     if reasoning:
         turn["reasoning_content"] = "\n\n".join(reasoning)
     calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": b.input}}
@@ -206,7 +211,7 @@ def template_tools(req: CountTokensRequest) -> list[dict[str, Any]]:
     tools = [function_tool(tool) for tool in req.tools or [] if tool.type in (None, "custom")]
     choice = req.tool_choice
     if choice is not None and choice.type == "tool" and choice.name not in {t["function"]["name"] for t in tools}:
-        raise APIError(400, f"tool_choice names {req.tool_choice.name!r}, which is not among the tools")
+        raise APIError(400, f"tool_choice names {choice.name!r}, which is not among the tools")
     return tools
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from localqwen.server import anthropic as anthropic_dialect
 from localqwen.server import create_app
 from localqwen.server import http as server_http
 from localqwen.synthetic import script_chain
@@ -236,6 +237,23 @@ def test_hostile_request_gets_the_dialects_error(env: SimpleNamespace, path: str
 
 def test_every_route_still_answers(env: SimpleNamespace) -> None:
     assert_answers(env)
+
+
+def test_foreign_thinking_signatures_are_ignored(env: SimpleNamespace) -> None:
+    # Signatures this server did not make, whatever they hold, leave the thinking out of the prompt; never a 500.
+    # (The assistant turn comes after the last user query, in a tool loop: where the template keeps reasoning.)
+    def count(*thinking: dict) -> int:
+        call = {"type": "tool_use", "id": "t1", "name": "f", "input": {}}
+        result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}
+        reply = env.http.post(f"{env.open}{COUNT}", json={"tools": [{"name": "f"}], "messages": [
+            *HI, {"role": "assistant", "content": [*thinking, call]}, result]})
+        assert reply.status_code == 200, reply.text[:300]
+        return reply.json()["input_tokens"]
+
+    plain = count()
+    assert count({"type": "thinking", "thinking": "Plan.", "signature": anthropic_dialect.sign("Plan.")}) > plain
+    for signature in ("", "🦙", "x" * 10_000, "\x00", "=" * 44, "ErUBCkYIBRgCIkA" * 8):
+        assert count({"type": "thinking", "thinking": "Plan.", "signature": signature}) == plain
 
 
 def test_declared_oversized_body_is_refused_before_it_is_sent(env: SimpleNamespace) -> None:
