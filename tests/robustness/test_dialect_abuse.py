@@ -97,7 +97,7 @@ def wait_idle(env: SimpleNamespace, url: str, timeout: float = 5.0) -> float:
     started = time.monotonic()
     while True:
         state = health(env, url)
-        if not state["generating"] and state["waiting"] == 0 and not env.endless._lock.locked():
+        if not state["generating"] and state["waiting"] == 0 and env.endless.running == env.endless.waiting == 0:
             return time.monotonic() - started
         assert time.monotonic() - started < timeout, f"still busy after {timeout} s: {state}"
         time.sleep(0.02)
