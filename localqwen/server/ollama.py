@@ -32,7 +32,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -213,14 +213,15 @@ class Reply:
                           done=True)
 
     def totals(self) -> dict[str, Any]:
-        stats, seconds = self.output.stats, (lambda s: round(s * 1e9))
+        """The final chunk's counts, and durations in nanoseconds as Ollama gives them."""
+        stats = self.output.stats
         timings = stats.timings if stats else {}
         return {"done_reason": "length" if self.output.finish_reason == "length" else "stop",
                 "total_duration": time.monotonic_ns() - self.started_ns, "load_duration": 0,
                 "prompt_eval_count": stats.prompt_tokens if stats else 0,
-                "prompt_eval_duration": seconds(timings.get("prompt_eval_s", 0.0)),
+                "prompt_eval_duration": round(timings.get("prompt_eval_s", 0.0) * 1e9),
                 "eval_count": stats.completion_tokens if stats else 0,
-                "eval_duration": seconds(timings.get("generation_s", 0.0))}
+                "eval_duration": round(timings.get("generation_s", 0.0) * 1e9)}
 
     async def stream(self, generation: Generation) -> AsyncIterator[bytes]:
         try:
@@ -244,7 +245,8 @@ def line(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False).encode() + b"\n"
 
 
-async def respond(request: Request, server: ServerState, req: GenerationRequest, reply: Reply, start: Any) -> Response:
+async def respond(request: Request, server: ServerState, req: GenerationRequest, reply: Reply,
+                  start: Callable[[], Iterator[Event]]) -> Response:
     generation = await server.start(request, start)
     if req.stream:
         return EventStream(reply.stream(generation), generation, media_type=NDJSON)

@@ -182,12 +182,12 @@ def chat_arguments(req: ResponsesRequest) -> dict[str, Any]:
     arguments = req.model_dump(include=set(OPTION), exclude_none=True)
     if req.max_output_tokens is not None:
         arguments["max_tokens"] = req.max_output_tokens
-    effort = req.reasoning.effort if req.reasoning is not None else None
-    if effort is not None:
-        effort = EFFORT_ALIASES.get(effort, effort)
+    requested = req.reasoning.effort if req.reasoning is not None else None
+    if requested is not None:
+        effort = EFFORT_ALIASES.get(requested, requested)
         if effort not in REASONING_EFFORT:
             raise APIError(400, f"reasoning.effort must be one of {', '.join([*REASONING_EFFORT, *EFFORT_ALIASES])},"
-                                f" not {req.reasoning.effort!r}", param="reasoning.effort")
+                                f" not {requested!r}", param="reasoning.effort")
         arguments.setdefault("thinking_budget", REASONING_EFFORT[effort])
     tools = [] if req.tool_choice == "none" else [
         {"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
