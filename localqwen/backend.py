@@ -193,14 +193,14 @@ class Vocab:
     def __init__(self, model: Any) -> None:
         import llama_cpp
 
-        self._lib, self._vocab = llama_cpp, model.vocab
+        self._lib, self.handle = llama_cpp, model.vocab  # handle: the llama_vocab pointer (grammars need it)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
 
     def tokenize(self, text: bytes, *, special: bool) -> list[int]:
         capacity = len(text) + 8  # byte-level BPE makes at most one token per byte
         while True:
             tokens = (self._lib.llama_token * capacity)()
-            n = self._lib.llama_tokenize(self._vocab, text, len(text), tokens, capacity, False, special)
+            n = self._lib.llama_tokenize(self.handle, text, len(text), tokens, capacity, False, special)
             if n >= 0:
                 return list(tokens[:n])
             capacity = -n
@@ -210,7 +210,7 @@ class Vocab:
         size = 64
         while True:
             buffer = ctypes.create_string_buffer(size)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buffer, size, 0, special)
+            n = self._lib.llama_token_to_piece(self.handle, token, buffer, size, 0, special)
             if n >= 0:
                 return buffer.raw[:n]
             size = -n
@@ -219,4 +219,4 @@ class Vocab:
         return b"".join(self.piece(t, special=special) for t in tokens)
 
     def attributes(self, token: int) -> int:
-        return self._lib.llama_vocab_get_attr(self._vocab, token)
+        return self._lib.llama_vocab_get_attr(self.handle, token)

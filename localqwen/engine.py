@@ -22,10 +22,9 @@ from typing import Any
 from localqwen.backend import CancelFlag, Vocab
 from localqwen.errors import LocalqwenError, ModelBusy
 from localqwen.events import Event
-from localqwen.generation import Turn, timings
+from localqwen.generation import Turn, WrapUp, timings
 from localqwen.prompt_cache import PromptCache
 from localqwen.sampler import Sampler
-from localqwen.sampling import Sampling
 from localqwen.stream import END, MAX_AHEAD, Channel
 
 # Prompt tokens evaluated per step while other sequences stream: a 4B model on 2 CPU cores takes ~4 s for 128, so
@@ -39,10 +38,8 @@ class Request:
 
     prompt: list[int]
     turn: Turn
-    sampling: Sampling
-    seed: int
+    sampler: Sampler  # with its grammars, by the span they constrain: "answer" (all after the thinking), "call"
     wait: float | None  # seconds to wait for a slot (None: as long as it takes)
-    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -63,10 +60,14 @@ class Sequence:
         self.channel = Channel(on_taken=engine.notify)
         self.slot: Slot | None = None
         self.pending: list[int] = []  # tokens to evaluate next (prompt, sampled token, wrap-up)
-        self.sampler: Sampler | None = None
         self.cancelled = False
         self.wants_answer = False  # end_thinking() was asked
+        self.in_call = False  # inside a tool call's body at the last sample
         self.started = self.first_token_at = 0.0
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.request.sampler
 
     @property
     def runnable(self) -> bool:
@@ -135,6 +136,13 @@ class Engine:
         with self._wake:
             if self._in_flight and all(s.cancelled for s in self._in_flight):
                 self._abort.set()  # nobody wants what the batch in flight computes
+            self._wake.notify()
+
+    def end_thinking_all(self) -> None:
+        with self._wake:
+            for slot in self.slots:
+                if slot.sequence is not None:
+                    slot.sequence.wants_answer = True
             self._wake.notify()
 
     def cancel_all(self) -> None:
@@ -207,10 +215,9 @@ class Engine:
         turn.stats.cached_prompt_tokens = keep
         sequence.pending = prompt[keep:]
         sequence.started = time.perf_counter()
-        sequence.sampler = Sampler(self.vocab.n_vocab, sequence.request.sampling, sequence.request.seed)
         sequence.channel.put([])  # no events yet: it tells a reader waiting for the start that a slot was found
         if turn.budget_spent:  # a thinking budget of 0: the wrap-up follows the prompt at once
-            self._wrap_up(sequence, [])
+            self._wrap_up(sequence, [], "budget")
 
     def _restore(self, slot: Slot, prompt: list[int]) -> None:
         """Fill the slot from the prompt cache on disk when a saved prompt shares a longer start with `prompt` than
@@ -260,7 +267,7 @@ class Engine:
             slot.tokens += chunk[:done]
             del sequence.pending[:done]
             if status == 0 and row is not None:
-                self._sampled(sequence, sequence.sampler.sample(self.ctx, row))  # type: ignore[union-attr]
+                self._sampled(sequence, sequence.sampler.sample(self.ctx, row, self._grammar(sequence)))
 
     def _fill_batch(self, runnable: list[Sequence]) -> list[tuple[Sequence, list[int], int | None]]:
         """The next batch: one token of each decoding sequence first, then prompt chunks in the room left. Returns
@@ -290,6 +297,20 @@ class Engine:
             chunks.append((sequence, chunk, row))
         return chunks
 
+    def _grammar(self, sequence: Sequence) -> str | None:
+        """The grammar the next token must follow: the answer's, from the end of the thinking on; a tool call's
+        body's, from the model's `<tool_call>` (also while thinking) to its `</tool_call>`; or none."""
+        parser, grammars = sequence.turn.parser, sequence.sampler.grammars
+        entered_call = parser.in_call and not sequence.in_call
+        sequence.in_call = parser.in_call
+        if "answer" in grammars and not parser.in_thinking:
+            return "answer"
+        if "call" in grammars and parser.in_call:
+            if entered_call:
+                sequence.sampler.restart("call")
+            return "call"
+        return None
+
     def _sampled(self, sequence: Sequence, token: int) -> None:
         turn = sequence.turn
         if not sequence.first_token_at:
@@ -298,10 +319,10 @@ class Engine:
         if sequence.cancelled:
             turn.stop("cancelled")
         elif token not in self.end_ids:
-            events = turn.token(self.vocab.piece(token))
+            events = turn.token(token, self.vocab.piece(token))
             if not (turn.out_of_tokens or turn.stopped):
-                if turn.budget_spent or (sequence.wants_answer and turn.thinking):
-                    self._wrap_up(sequence, events, token)
+                if (reason := self._wrap_up_reason(sequence)) is not None:
+                    self._wrap_up(sequence, events, reason, token)
                 else:
                     sequence.pending = [token]
                     sequence.channel.put(events)
@@ -311,13 +332,22 @@ class Engine:
                 turn.stop("length")
         self._finish(sequence)
 
-    def _wrap_up(self, sequence: Sequence, events: list[Event], token: int | None = None) -> None:
-        """Close the thinking for the model (budget spent, or asked to answer now): the wrap-up is evaluated after
-        `token` (the last sampled one, if any) and the model goes on from there."""
+    @staticmethod
+    def _wrap_up_reason(sequence: Sequence) -> WrapUp | None:
+        turn = sequence.turn
+        if turn.budget_spent:
+            return "budget"
+        if sequence.wants_answer and turn.can_wrap_up:
+            return "answer_now"
+        return "loop_guard" if turn.looping else None
+
+    def _wrap_up(self, sequence: Sequence, events: list[Event], reason: WrapUp, token: int | None = None) -> None:
+        """Close the thinking for the model (budget spent, asked to answer now, looping): the wrap-up is evaluated
+        after `token` (the last sampled one, if any) and the model goes on from there."""
         sequence.pending = [*sequence.pending, *([token] if token is not None else []), *self.wrap_up_ids]
         for wrap_token in self.wrap_up_ids:
-            sequence.sampler.accept(wrap_token)  # type: ignore[union-attr]
-        sequence.channel.put(events + sequence.turn.forced(self.wrap_up_text, len(self.wrap_up_ids)))
+            sequence.sampler.accept(wrap_token)
+        sequence.channel.put(events + sequence.turn.forced(self.wrap_up_text, len(self.wrap_up_ids), reason))
 
     def _finish(self, sequence: Sequence) -> None:
         """End a sequence: free its sampler and slot first (a reader that sees the end may submit again at once),
@@ -328,8 +358,7 @@ class Engine:
         first = sequence.first_token_at or None
         stats.timings = timings(self.load_s, sequence.started or time.perf_counter(), first, time.perf_counter(),
                                 stats.prompt_tokens - stats.cached_prompt_tokens, stats.completion_tokens)
-        if sequence.sampler is not None:
-            sequence.sampler.close()
+        sequence.sampler.close()
         if sequence.slot is not None:
             sequence.slot.sequence, sequence.slot.last_used = None, time.monotonic()
         sequence.pending = []

@@ -38,6 +38,7 @@ class Stats:
     content_tokens: int = 0
     truncated_thinking: bool = False  # generation ended before `</think>`: all thinking, no answer
     stop_sequence: str | None = None  # the stop string that ended the answer, if one did
+    wrap_up: str | None = None  # why the thinking was closed for the model: "budget", "answer_now" or "loop_guard"
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -61,6 +62,7 @@ class Reply:
     content: str
     tool_calls: list[ToolCall]
     stats: Stats
+    parsed: Any = None  # with an answer schema: the answer as a validated object (None if it was cut short)
 
     @classmethod
     def collect(cls, events: Iterable[Event]) -> Reply:
@@ -76,7 +78,12 @@ class Reply:
                 stats = event.stats
         if stats is None:
             raise ValueError("a generation ends with a done event; this stream had none")
-        return cls("".join(parts["thinking"]), "".join(parts["content"]), tool_calls, stats)
+        content = "".join(parts["content"])
+        answer_format = getattr(events, "answer_format", None)  # a model stream with a schema knows it
+        parsed = None
+        if answer_format is not None and answer_format.schema is not None and stats.finish_reason == "stop":
+            parsed = answer_format.parse(content)
+        return cls("".join(parts["thinking"]), content, tool_calls, stats, parsed)
 
     def to_dict(self) -> dict[str, Any]:
         """The shape `localqwen run --json` prints; scripts depend on it."""

@@ -20,7 +20,8 @@ from typing import Any
 
 from localqwen import paths
 from localqwen.backend import Vocab, last_error, load_model, new_context
-from localqwen.constants import ENDOFTEXT_ID, IM_END_ID, THINKING_BUDGET_WRAP_UP, THINKING_CLOSER
+from localqwen.constants import ENDOFTEXT_ID, IM_END_ID, THINKING_BUDGET_WRAP_UP, THINKING_CLOSER, TOOL_CALL_OPEN_ID
+from localqwen.constrain import AnswerFormat, call_body, calls_only, json_answer
 from localqwen.engine import Engine, Request
 from localqwen.errors import BadRequest, ContextOverflow, ModelFileError
 from localqwen.generation import Limits, Turn
@@ -29,6 +30,7 @@ from localqwen.modelcheck import check_model
 from localqwen.plan import MemoryPlan, choose_plan, shape_of, shortfall
 from localqwen.prompt import render_chat
 from localqwen.prompt_cache import DEFAULT_MAX_BYTES, PromptCache, setting_key
+from localqwen.sampler import Sampler
 from localqwen.sampling import Sampling
 from localqwen.stream import Stream
 
@@ -41,7 +43,7 @@ WRAP_UP_TEXT = "\n\n" + THINKING_BUDGET_WRAP_UP.rstrip("\n") + THINKING_CLOSER
 
 class Model:
     def __init__(self, llama_model: Any, context: Any, meta: ModelMetadata, plan: MemoryPlan, load_s: float,
-                 prompt_cache: PromptCache | None = None) -> None:
+                 prompt_cache: PromptCache | None = None, loop_guard: bool = True) -> None:
         import llama_cpp
 
         self.meta, self.plan, self.load_s, self.path = meta, plan, load_s, meta.path
@@ -56,7 +58,7 @@ class Model:
                               for i in range(self.n_vocab) if self._vocab.attributes(i) & special]
         self.wrap_up_ids = self.tokenize(WRAP_UP_TEXT, special=True)
         end_ids = {IM_END_ID, ENDOFTEXT_ID, llama_cpp.llama_vocab_eos(llama_model.vocab)}
-        self.prompt_cache = prompt_cache
+        self.prompt_cache, self.loop_guard = prompt_cache, loop_guard
         self._engine = Engine(llama_model, context, n_slots=plan.n_seq, n_ctx_seq=plan.n_ctx_seq, n_batch=plan.n_batch,
                               end_ids=end_ids, wrap_up_ids=self.wrap_up_ids, wrap_up_text=WRAP_UP_TEXT, load_s=load_s,
                               prompt_cache=prompt_cache)
@@ -65,12 +67,12 @@ class Model:
     def load(cls, path: str | Path, *, n_ctx: int | str = "auto", kv_type: str = "f16", flash_attn: bool | None = None,
              gpu_layers: int | str = "auto", threads: int | None = None, max_ctx: int | None = None,
              parallel: int | str = 1, prompt_cache: str | Path | bool = False,
-             prompt_cache_bytes: int = DEFAULT_MAX_BYTES) -> Model:
+             prompt_cache_bytes: int = DEFAULT_MAX_BYTES, loop_guard: bool = True) -> Model:
         """Load a GGUF for `parallel` generations at once, each with a context of `n_ctx` tokens (they share one
         KV cache of parallel x n_ctx). n_ctx="auto" takes the largest that fits free memory, up to `max_ctx`;
         parallel="auto" as many generations as fit with 8K tokens each (at most 4 on the CPU, 8 on a GPU).
         prompt_cache: keep long prompts' KV cache on disk (localqwen.prompt_cache), in this folder, or in the
-        store's with True; at most prompt_cache_bytes."""
+        store's with True; at most prompt_cache_bytes. loop_guard: the default of every generation's loop guard."""
         path = Path(path)
         if not path.is_file():
             raise ModelFileError("model file not found", path)
@@ -94,7 +96,7 @@ class Model:
             folder = paths.home() / "prompt-cache" if prompt_cache is True else Path(prompt_cache)
             key = setting_key(path, plan.kv_type, plan.flash_attn)
             cache = PromptCache(folder / key, max_bytes=prompt_cache_bytes)
-        return cls(llama_model, context, meta, plan, time.perf_counter() - started, cache)
+        return cls(llama_model, context, meta, plan, time.perf_counter() - started, cache, loop_guard)
 
     # --- what the model is ---------------------------------------------------------------------------------------
 
@@ -151,22 +153,32 @@ class Model:
 
     # --- generation ----------------------------------------------------------------------------------------------
 
-    def chat(self, messages: list[Any], *, tools: list[Any] | None = None, max_tokens: int | None = None,
-             thinking_budget: int | None = None, answer_reserve: int | None = None, stop: str | list[str] | None = None,
+    def chat(self, messages: list[Any], *, tools: list[Any] | None = None, tool_choice: str = "auto",
+             schema: Any = None, max_tokens: int | None = None, thinking_budget: int | None = None,
+             answer_reserve: int | None = None, stop: str | list[str] | None = None, loop_guard: bool | None = None,
              wait: float | None = None, **sampling: Any) -> Stream:
-        """Stream the reply to `messages` as events (`for` or `async for`). `stop`: strings that end the answer
-        (never the thinking); `wait`: seconds to wait for a free slot before ModelBusy (None: as long as it takes);
-        sampling overrides: temperature, top_p, top_k, min_p, presence_penalty, seed."""
+        """Stream the reply to `messages` as events (`for` or `async for`).
+
+        tool_choice: "auto" (the model may call `tools`; every call it starts is a valid one), "required" (it must
+        call one or more), a tool's name (it must call that one), "none" (no calls). schema: a JSON Schema or a
+        pydantic model class the answer must match (the thinking stays free; Reply.collect parses the answer).
+        stop: strings that end the answer (never the thinking). loop_guard: wrap up thinking that repeats itself
+        (default: the model's, on unless loaded with loop_guard=False).
+        wait: seconds to wait for a free slot before ModelBusy (None: as long as it takes). Sampling overrides:
+        temperature, top_p, top_k, min_p, presence_penalty, seed."""
         prompt = self.tokenize_chat(messages, tools)
-        return self.generate(prompt, max_tokens=max_tokens, thinking_budget=thinking_budget,
-                             answer_reserve=answer_reserve, stop=stop, wait=wait, **sampling)
+        return self.generate(prompt, tools=tools, tool_choice=tool_choice, schema=schema, max_tokens=max_tokens,
+                             thinking_budget=thinking_budget, answer_reserve=answer_reserve, stop=stop,
+                             loop_guard=loop_guard, wait=wait, **sampling)
 
     achat = chat  # the same stream serves `async for`; the name reads well in async code
 
-    def generate(self, prompt: Sequence[int], *, max_tokens: int | None = None, thinking_budget: int | None = None,
+    def generate(self, prompt: Sequence[int], *, tools: list[Any] | None = None, tool_choice: str = "auto",
+                 schema: Any = None, max_tokens: int | None = None, thinking_budget: int | None = None,
                  answer_reserve: int | None = None, thinking: bool = True, stop: str | list[str] | None = None,
-                 wait: float | None = None, **sampling: Any) -> Stream:
-        """Stream events for raw prompt tokens. `thinking`: the prompt leaves the model inside `<think>`."""
+                 loop_guard: bool | None = None, wait: float | None = None, **sampling: Any) -> Stream:
+        """Stream events for raw prompt tokens. `thinking`: the prompt leaves the model inside `<think>`; the other
+        arguments as for chat() (`tools` here only shape the tool-call grammars: they are the prompt's business)."""
         options = self.sampling.with_overrides(**sampling)
         if not prompt:
             raise BadRequest("the prompt is empty")
@@ -176,19 +188,49 @@ class Model:
                                   thinking_budget=thinking_budget, answer_reserve=answer_reserve,
                                   wrap_up_tokens=self.wrap_up_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        turn = Turn(len(prompt), limits, thinking=thinking, stops=stops)
+        turn = Turn(len(prompt), limits, thinking=thinking, stops=stops,
+                    loop_guard=self.loop_guard if loop_guard is None else loop_guard)
+        answer_format, grammars, banned = answer_constraints(tools, tool_choice, schema)
         seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
-        request = Request(list(prompt), turn, options, seed, wait)
-        return Stream(lambda: self._engine.submit(request))
+        sampler = Sampler(self._vocab.handle, self.n_vocab, options, seed, grammars=grammars, banned=banned)
+        request = Request(list(prompt), turn, sampler, wait)
+        return Stream(lambda: self._engine.submit(request), answer_format)
 
     def cancel(self) -> None:
         """Stop every generation, running or waiting (from any thread); each stream ends with "cancelled"."""
         self._engine.cancel_all()
 
+    def end_thinking(self) -> None:
+        """Ask every running generation that is thinking to answer now (from any thread): the thinking is closed
+        for it with the budget's wrap-up. One stream: `stream.end_thinking()`."""
+        self._engine.end_thinking_all()
+
     def close(self) -> None:
         self._engine.close()
         self._context.close()
         self._model.close()
+
+
+def answer_constraints(tools: list[Any] | None, tool_choice: str, schema: Any,
+                       ) -> tuple[AnswerFormat | None, dict[str, str], list[int]]:
+    """What constrains the output after the thinking: the answer's format, the grammars by the span they apply to
+    (localqwen.constrain), and the tokens never to sample."""
+    answer_format, grammars, banned = None, {}, []
+    if tool_choice == "none":
+        banned = [TOOL_CALL_OPEN_ID]
+    elif tools:
+        grammars["call"] = call_body(tools)
+        if tool_choice != "auto":
+            if schema is not None:
+                raise BadRequest("a schema for the answer and a required tool call exclude each other")
+            answer_format = calls_only(tools, None if tool_choice == "required" else [tool_choice])
+    elif tool_choice != "auto":
+        raise BadRequest(f"tool_choice {tool_choice!r} needs tools to call")
+    if schema is not None:
+        answer_format = json_answer(schema)
+    if answer_format is not None:
+        grammars["answer"] = answer_format.grammar
+    return answer_format, grammars, banned
 
 
 def default_threads() -> int:

@@ -87,8 +87,9 @@ class Stream:
     drops what is left. `end_thinking()` asks the model to wrap up its thinking and answer now. A task that is
     cancelled while it waits for an event cancels the generation."""
 
-    def __init__(self, submit: Callable[[], Handle]) -> None:
+    def __init__(self, submit: Callable[[], Handle], answer_format: Any = None) -> None:
         self._submit = submit
+        self.answer_format = answer_format  # what Reply.collect parses the answer with (constrain.AnswerFormat)
         self._handle: Handle | None = None
         self._pending: deque[Event] = deque()
         self.finished = False
