@@ -116,12 +116,16 @@ def check_origins(ctx: click.Context, param: click.Parameter, values: tuple[str,
               help="deepseek: thinking in reasoning_content; none: <think>...</think> left in content.")
 @click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN", callback=check_origins,
               help="Let pages from ORIGIN (e.g. http://localhost:5173) call the API from a browser; repeatable.")
+@click.option("--mcp", "mcp_config", metavar="CONFIG.json",
+              help='Offer the chat page the tools of the MCP servers in this {"mcpServers": ...} file.')
 def serve_command(model: Any, host: str, port: int, api_key: str | None, reasoning_format: str,
-                  cors_origins: tuple[str, ...]) -> None:
+                  cors_origins: tuple[str, ...], mcp_config: str | None) -> None:
     """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page (/)."""
     from localqwen.server import serve
 
-    serve(model, host=host, port=port, api_key=api_key, reasoning_format=reasoning_format, cors_origins=cors_origins)
+    with mcp_servers(mcp_config) as tools:
+        serve(model, host=host, port=port, api_key=api_key, reasoning_format=reasoning_format,
+              cors_origins=cors_origins, tools=tools)
 
 
 COMMANDS = (run_command, chat_command, serve_command)
