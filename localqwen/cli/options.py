@@ -37,6 +37,21 @@ def context_size(value: str) -> int | str:
         raise click.BadParameter(f"{value!r} is not a number of tokens (e.g. 8192, 32k) or 'auto'") from None
 
 
+def parse_parallel(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number of generations or 'auto'") from None
+
+
+PARALLEL_OPTION = click.option(
+    "--parallel", default="auto", show_default=True, metavar="N|auto", callback=parse_parallel,
+    help="Generations that run together (continuous batching), each with --ctx tokens of one shared KV cache; auto: "
+         "as many as fit with 8K tokens each, at most 4 on the CPU.")
+
+
 def parse_gpu_layers(value: str) -> int | str:
     if value == "auto":
         return value
@@ -79,8 +94,8 @@ def with_model(command: Callable[..., Any]) -> Callable[..., Any]:
     """-m, the memory options and --threads: the model is loaded and passed on as `model`."""
     @functools.wraps(command)
     def wrapper(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, gpu_layers: str,
-                threads: int | None, **kwargs: Any) -> Any:
-        return command(load_model(model_spec, n_ctx, kv_type, flash_attn, gpu_layers, threads), **kwargs)
+                threads: int | None, parallel: int | str = 1, **kwargs: Any) -> Any:
+        return command(load_model(model_spec, n_ctx, kv_type, flash_attn, gpu_layers, threads, parallel), **kwargs)
 
     threads = click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores).")
     return apply([MODEL_OPTION, memory_options, threads], wrapper)
@@ -100,10 +115,10 @@ def model_path(model_spec: str | None) -> Path:
 
 
 def load_model(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, layers: str,
-               threads: int | None) -> Any:
+               threads: int | None, parallel: int | str = 1) -> Any:
     from localqwen.model import Model
 
     ctx = context_size(n_ctx)
     return Model.load(model_path(model_spec), n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn,
-                      gpu_layers=parse_gpu_layers(layers), threads=threads,
+                      gpu_layers=parse_gpu_layers(layers), threads=threads, parallel=parallel,
                       max_ctx=DEFAULT_CONTEXT if ctx == "auto" else None)

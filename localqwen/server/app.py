@@ -43,13 +43,12 @@ def create_app(model: Model, *, api_key: str | None = None, reasoning_format: st
     scheduler = Scheduler(model, max_queue)
     meter = metrics.Metrics(scheduler)
     server = ServerState(model, model_id or model.path.stem, scheduler, api_key=api_key,
-                         reasoning_format=reasoning_format, max_body_bytes=max_body_bytes, observer=meter.watch)
+                         reasoning_format=reasoning_format, max_body_bytes=max_body_bytes, observer=meter.observe)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        if server.scheduler.slot.locked():
-            model.cancel()  # shutting down: the running generation ends now, its worker thread with it
+        model.cancel()  # shutting down: running and waiting generations end now
 
     app = FastAPI(title="localqwen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server, app.state.metrics = server, meter
