@@ -456,7 +456,7 @@ async function boot() {
   ui.modelName.textContent = `${props.model} · context ${count(props.context_length)} tokens`;
   addEffortOptions(ui.settingsForm.elements.reasoning_effort, props.reasoning_effort);
   if (props.api_key_required && !apiKey.get()) await askForKey("This server needs an API key.");
-  tools = await withKey(getTools).catch(() => []);
+  tools = await getTools().catch(() => []);  // (a wrong key is asked for again when a message goes out)
   ui.toolsOption.hidden = tools.length === 0;
   ui.toolsLabel.textContent = `Tools (${tools.length})`;
   ui.toolsOption.title = tools.map((tool) => `${tool.name} (${tool.server || "python"}): ${tool.description}`).join("\n");
