@@ -94,11 +94,15 @@ def with_model(command: Callable[..., Any]) -> Callable[..., Any]:
     """-m, the memory options and --threads: the model is loaded and passed on as `model`."""
     @functools.wraps(command)
     def wrapper(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, gpu_layers: str,
-                threads: int | None, parallel: int | str = 1, **kwargs: Any) -> Any:
-        return command(load_model(model_spec, n_ctx, kv_type, flash_attn, gpu_layers, threads, parallel), **kwargs)
+                threads: int | None, prompt_cache: str, parallel: int | str = 1, **kwargs: Any) -> Any:
+        cache = {"store": True, "off": False}.get(prompt_cache, prompt_cache)
+        return command(load_model(model_spec, n_ctx, kv_type, flash_attn, gpu_layers, threads, parallel, cache),
+                       **kwargs)
 
     threads = click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores).")
-    return apply([MODEL_OPTION, memory_options, threads], wrapper)
+    cache = click.option("--prompt-cache", default="store", show_default=True, metavar="DIR|store|off",
+                         help="Keep long prompts' KV cache on disk, so a conversation re-opened later starts at once.")
+    return apply([MODEL_OPTION, memory_options, threads, cache], wrapper)
 
 
 def model_path(model_spec: str | None) -> Path:
@@ -115,10 +119,10 @@ def model_path(model_spec: str | None) -> Path:
 
 
 def load_model(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, layers: str,
-               threads: int | None, parallel: int | str = 1) -> Any:
+               threads: int | None, parallel: int | str = 1, prompt_cache: str | bool = False) -> Any:
     from localqwen.model import Model
 
     ctx = context_size(n_ctx)
     return Model.load(model_path(model_spec), n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn,
                       gpu_layers=parse_gpu_layers(layers), threads=threads, parallel=parallel,
-                      max_ctx=DEFAULT_CONTEXT if ctx == "auto" else None)
+                      prompt_cache=prompt_cache, max_ctx=DEFAULT_CONTEXT if ctx == "auto" else None)
