@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +24,23 @@ from rich.segment import Segment
 from rich.text import Text
 
 from localqwen.conversation import (
+    Approvals,
     ChatSettings,
     Message,
     apply_set,
     fit_context,
     load_conversation,
+    one_round,
+    result_line,
     save_conversation,
+    tool_list,
     turns,
     validate,
 )
 from localqwen.errors import BadRequest, LocalqwenError
 from localqwen.events import Event, Stats
 from localqwen.model import Model
+from localqwen.tools import Tool
 
 WARN_AT = 0.8  # share of the context in use after a reply that earns a warning
 HELP = """\
@@ -43,11 +49,11 @@ HELP = """\
 /show            model, quantization, context, memory plan and the current settings
 /stats           timings and token counts of the last reply
 /thinking        the last reply's thinking in full
+/tools           the tools the model may call (--mcp) and which run without asking
 /clear           forget the conversation (the system prompt stays)
 /save FILE       save the conversation and settings as JSON; /load FILE restores them
 /bye             leave (or Ctrl+D)
 Alt+Enter (or Esc, Enter) starts a new line; \"\"\" opens and closes a multi-line message; Ctrl+C stops a reply."""
-
 
 
 class Tail:
@@ -103,6 +109,8 @@ class ReplyView:
                     if not self.live:
                         self.write(event.text)
                 elif event.tool_call is not None:
+                    if not self.content:
+                        self.end_thinking(None)  # a call ends the thinking as an answer does
                     self.console.print(f"[tool call] {event.tool_call.raw}", style="dim", markup=False)
                 elif event.stats is not None:
                     stats = event.stats
@@ -157,8 +165,13 @@ class ReplyView:
 class ChatSession:
     """The conversation and the slash commands, apart from the prompt."""
 
-    def __init__(self, model: Model, settings: ChatSettings, console: Console) -> None:
+    def __init__(self, model: Model, settings: ChatSettings, console: Console, tools: list[Tool] | None = None,
+                 approvals: Approvals | None = None) -> None:
         self.model, self.settings, self.console = model, validate(settings, model.sampling), console
+        self.tools, self.approvals = tools or [], approvals or Approvals()
+        self.tool_schemas = [tool.schema() for tool in self.tools] or None
+        self.ask: Callable[[str], str] = lambda question: "no"  # chat_repl asks through the prompt
+        self.run: Any = None  # the tool loop's run of the reply in progress
         self.messages: list[Message] = []
         self.last: Stats | None = None
         self.last_thinking = ""
@@ -168,7 +181,7 @@ class ChatSession:
         return ([{"role": "system", "content": self.settings.system}] if self.settings.system else []) + messages
 
     def count(self, messages: list[Message]) -> int:
-        return len(self.model.tokenize_chat(self.prompt_of(messages))) if messages else 0
+        return len(self.model.tokenize_chat(self.prompt_of(messages), self.tool_schemas)) if messages else 0
 
     def note(self, text: str, style: str = "dim") -> None:
         self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
@@ -181,7 +194,8 @@ class ChatSession:
         name, _, arg = line.strip()[1:].partition(" ")
         handler = {"help": self.help, "?": self.help, "set": self.set, "show": self.show, "stats": self.stats,
                    "thinking": lambda arg: self.note(self.last_thinking or "no thinking yet"), "clear": self.clear,
-                   "save": self.save, "load": self.load}.get(name)
+                   "save": self.save, "load": self.load,
+                   "tools": lambda arg: self.note(tool_list(self.tools, self.approvals), style="")}.get(name)
         if name in ("bye", "exit", "quit"):
             return False
         try:
@@ -255,28 +269,31 @@ class ChatSession:
         if dropped:
             self.messages = messages[:-1]
             self.note(f"dropped {dropped} earlier turn{'s' * (dropped > 1)} to fit the context", style="yellow")
-        view = ReplyView(self.console, not s.hide_thinking,
-                         lambda t: len(self.model.tokenize(t)))
+        options = {"max_tokens": s.max_tokens, "thinking_budget": s.thinking_budget, "wait": 0, **s.sampling}
         try:
             with self.interruptible():
-                events = self.model.chat(self.prompt_of(messages), max_tokens=s.max_tokens,
-                                         thinking_budget=s.thinking_budget, wait=0, **s.sampling)
-                thinking, content, stats = view.run(events)
+                if self.tools:
+                    thinking, content, stats, added = self.act(self.prompt_of(messages), options)
+                else:
+                    thinking, content, stats = self.view().run(self.model.chat(self.prompt_of(messages), **options))
+                    added = [{"role": "assistant", "content": content, **(
+                        {"reasoning_content": thinking} if thinking else {})}]
         except LocalqwenError as exc:
             self.note(f"Error: {exc.message}", style="red")
             return
         self.last, self.last_thinking = stats, thinking
         if stats.finish_reason == "cancelled":
             self.note("stopped: this exchange is not kept (Up recalls your message)", style="yellow")
-        elif not content.strip():
+        elif not content.strip() and stats.finish_reason != "tool_calls":
             self.note("stopped at the token limit while thinking: no answer, the exchange is not kept "
                       "(raise /set max_tokens, or set /set thinking_budget)", style="yellow")
         else:
             if stats.finish_reason == "length":
                 self.note(f"stopped at the token limit ({stats.completion_tokens} tokens): the answer is cut short",
                           style="yellow")
-            reasoning = {"reasoning_content": thinking} if thinking else {}
-            self.messages = [*messages, {"role": "assistant", "content": content, **reasoning}]
+            elif stats.finish_reason == "tool_calls":  # the tool loop ran out of rounds
+                self.note("stopped at the round limit: the last round's tool calls did not run", style="yellow")
+            self.messages = [*messages, *added]
             self.used = self.count(self.messages)
         if s.verbose:
             self.stats()
@@ -284,6 +301,30 @@ class ChatSession:
             self.note(f"context {100 * self.used // n_ctx}% full ({self.used}/{n_ctx} tokens): the oldest turns will "
                       "be dropped to make room for new ones; /clear starts afresh", style="yellow")
         self.console.print()
+
+    def view(self) -> ReplyView:
+        return ReplyView(self.console, not self.settings.hide_thinking, lambda t: len(self.model.tokenize(t)))
+
+    def act(self, prompt: list[Message], options: dict[str, Any]) -> tuple[str, str, Stats, list[Message]]:
+        """A reply through the tool loop: each round drawn as a reply, each call asked for, each result one line.
+        The next event is taken before a round's view starts, so approvals are asked with no live region drawn."""
+        self.run = self.model.act(prompt, tools=self.tools, **options,
+                                  on_call=lambda call: self.approvals.decide(call, self.ask, self.stop))
+        events, shown = iter(self.run), ("", "", Stats(finish_reason="cancelled"))
+        while (first := next(events, None)) is not None:
+            if first.tool_result is None:
+                shown = self.view().run(one_round(first, events))
+            else:
+                self.note(*result_line(first.tool_result, self.console.width))
+        if self.run.finish_reason == "cancelled":  # between rounds too, or at a question
+            shown = (*shown[:2], replace(shown[2], finish_reason="cancelled"))
+        return *shown, self.run.messages
+
+    def stop(self) -> None:
+        """Stop the reply in progress: its generation, and the tool loop's later calls and rounds."""
+        if self.run is not None:
+            self.run.cancel()
+        self.model.cancel()
 
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:
@@ -298,15 +339,13 @@ class ChatSession:
             if asked:
                 raise KeyboardInterrupt
             asked = True
-            self.model.cancel()
+            self.stop()
 
         previous = signal.signal(signal.SIGINT, on_interrupt)
         try:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
-
-
 
 
 def read_message(session: Any) -> tuple[str, bool]:
@@ -334,9 +373,10 @@ class PlainPrompt:
         return line.rstrip("\n")
 
 
-def chat_repl(model: Model, settings: ChatSettings, *, input: Any = None, output: Any = None) -> None:
+def chat_repl(model: Model, settings: ChatSettings, *, input: Any = None, output: Any = None,
+              tools: list[Tool] | None = None, approvals: Approvals | None = None) -> None:
     """The chat loop. `input`: a prompt_toolkit Input (default the terminal); `output`: a text stream for everything
-    shown (default stdout; one that is not a terminal gets plain text)."""
+    shown (default stdout; one that is not a terminal gets plain text); `tools`: what the model may call (asking)."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory, History, InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
@@ -345,7 +385,7 @@ def chat_repl(model: Model, settings: ChatSettings, *, input: Any = None, output
     from localqwen.paths import home
 
     console = Console(file=output, highlight=False)
-    chat = ChatSession(model, settings, console)
+    chat = ChatSession(model, settings, console, tools, approvals)
     history: History = InMemoryHistory()
     with contextlib.suppress(OSError):
         home().mkdir(parents=True, exist_ok=True)
@@ -358,6 +398,8 @@ def chat_repl(model: Model, settings: ChatSettings, *, input: Any = None, output
         history=history, key_bindings=bindings, bottom_toolbar=chat.toolbar, prompt_continuation="... ",
         placeholder=[("#888888", "Send a message (/? for help)")], input=input,
         output=None if output is None else create_output(output) if output.isatty() else DummyOutput())
+    chat.ask = session.prompt if isinstance(session, PlainPrompt) else PromptSession(  # approvals: no history
+        input=session.input, output=session.output).prompt
     chat.note(f"localqwen chat · {model.path.name} · context {model.n_ctx} tokens · /help for commands, "
               "Ctrl+D or /bye to leave")
     while True:

@@ -1,4 +1,5 @@
-"""The typed events that generation yields: the CLI, `run --json` and the server are views of these."""
+"""The typed events that generation yields: the CLI, `run --json` and the server are views of these. The tool loop
+(localqwen.agent) yields the same events, each tagged with its round, plus one `tool_result` per call it ran."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any, Literal
 
 from localqwen.constants import tool_call_block
 
-EventKind = Literal["thinking", "content", "tool_call", "done"]
+EventKind = Literal["thinking", "content", "tool_call", "tool_result", "done"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+ToolStatus = Literal["ok", "error", "refused"]
 
 
 @dataclass(frozen=True)
@@ -20,11 +22,23 @@ class ToolCall:
     name: str | None = None
     arguments: dict[str, Any] | None = None
     error: str | None = None
+    id: str | None = None  # given by the tool loop (localqwen.agent): what its ToolResult answers
 
     @property
     def block(self) -> str:
         """The call as the model wrote it, markers included: what an unparsed call shows as text."""
         return tool_call_block(self.raw)
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What the tool loop gave the model for one call: `content` is the tool message's text. `call` is the call as
+    it ran (with the arguments an on_call hook changed); status "error": the tool failed or the call could not run
+    (the text says why), "refused": the hook refused it."""
+
+    call: ToolCall
+    content: str
+    status: ToolStatus = "ok"
 
 
 @dataclass
@@ -52,6 +66,8 @@ class Event:
     text: str = ""
     tool_call: ToolCall | None = None
     stats: Stats | None = None
+    tool_result: ToolResult | None = None
+    round: int = 0  # the tool loop's round (a generation), from 1; 0 outside a loop
 
 
 @dataclass

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from localqwen import paths
 from localqwen.backend import Vocab, last_error, load_model, new_context
@@ -33,6 +33,9 @@ from localqwen.prompt_cache import DEFAULT_MAX_BYTES, PromptCache, setting_key
 from localqwen.sampler import Sampler
 from localqwen.sampling import Sampling
 from localqwen.stream import Stream
+
+if TYPE_CHECKING:
+    from localqwen.agent import AgentRun
 
 # ggml type ids for the KV cache (ggml.h: GGML_TYPE_F16 = 1, GGML_TYPE_Q4_0 = 2, GGML_TYPE_Q8_0 = 8).
 GGML_KV_TYPE_IDS = {"f16": 1, "q8_0": 8, "q4_0": 2}
@@ -172,6 +175,19 @@ class Model:
                              loop_guard=loop_guard, wait=wait, **sampling)
 
     achat = chat  # the same stream serves `async for`; the name reads well in async code
+
+    def act(self, messages: list[Any], *, tools: Iterable[Any], on_call: Any = None, max_rounds: int | None = None,
+            **options: Any) -> AgentRun:
+        """Run the tool loop (localqwen.agent): generate, run the model's tool calls, give it their results, until
+        it answers or `max_rounds` generations have run. `tools`: Python functions, localqwen Tools, MCP servers'
+        tools; `on_call(call)` may approve (True), refuse (False or a reason), or change (a dict of arguments) each
+        call; other options go to every round's `chat`. Iterate the run (`for` or `async for`) for its events."""
+        from localqwen.agent import DEFAULT_MAX_ROUNDS, AgentRun  # imported on use: it brings in pydantic
+
+        return AgentRun(self.chat, messages, tools, on_call=on_call,
+                        max_rounds=DEFAULT_MAX_ROUNDS if max_rounds is None else max_rounds, **options)
+
+    aact = act  # the same run serves `async for`
 
     def generate(self, prompt: Sequence[int], *, tools: list[Any] | None = None, tool_choice: str = "auto",
                  schema: Any = None, max_tokens: int | None = None, thinking_budget: int | None = None,

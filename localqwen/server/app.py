@@ -20,9 +20,11 @@ from starlette.requests import ClientDisconnect
 
 from localqwen.model import Model
 from localqwen.server import anthropic, metrics, ollama, openai, responses, utility
+from localqwen.server.agent import install_agent
 from localqwen.server.http import APIError, api_error
 from localqwen.server.runs import ClientGone, Scheduler
 from localqwen.server.state import REASONING_FORMATS, ServerState
+from localqwen.tools import Tool
 from localqwen.web import install_web
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -32,9 +34,10 @@ ERROR_SHAPES = ((anthropic.PATH_PREFIX, anthropic.error_response), (ollama.PATH_
 
 def create_app(model: Model, *, api_key: str | None = None, reasoning_format: str = "deepseek",
                model_id: str | None = None, max_queue: int = 8, max_body_bytes: int = 4 << 20,
-               cors_origins: Sequence[str] = ()) -> FastAPI:
+               cors_origins: Sequence[str] = (), tools: Sequence[Tool] = ()) -> FastAPI:
     """The API for `model`, and the web chat page at `/`. reasoning_format: "deepseek" (reasoning_content) or
-    "none" (<think> in content). cors_origins: other sites' pages allowed to call the API (localqwen.web.guard)."""
+    "none" (<think> in content). cors_origins: other sites' pages allowed to call the API (localqwen.web.guard).
+    tools: what the page's tool loop may call (server/agent.py), e.g. MCP servers' tools."""
     if reasoning_format not in REASONING_FORMATS:
         raise ValueError(f"reasoning_format must be 'deepseek' or 'none', not {reasoning_format!r}")
     scheduler = Scheduler(model, max_queue)
@@ -57,6 +60,7 @@ def create_app(model: Model, *, api_key: str | None = None, reasoning_format: st
     app.add_exception_handler(Exception, on_error)
     for dialect in (openai, responses, anthropic, ollama, utility, metrics):
         app.include_router(dialect.router)
+    install_agent(app, tools)
     install_web(app, cors_origins, root_text=ollama.ROOT_TEXT, refusal=guard_refusal)
     return app
 
@@ -97,9 +101,10 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 
 def serve(model: Model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          reasoning_format: str = "deepseek", cors_origins: Sequence[str] = ()) -> None:
+          reasoning_format: str = "deepseek", cors_origins: Sequence[str] = (), tools: Sequence[Tool] = ()) -> None:
     """Serve the API and the chat page until Ctrl+C (loopback only by default)."""
-    app = create_app(model, api_key=api_key, reasoning_format=reasoning_format, cors_origins=cors_origins)
+    app = create_app(model, api_key=api_key, reasoning_format=reasoning_format, cors_origins=cors_origins,
+                     tools=tools)
     shown = f"[{host}]" if ":" in host else host
     print(f"localqwen: serving {model.path.stem} (context {model.n_ctx}) at http://{shown}:{port}/v1, "
           f"chat page at http://{shown}:{port}/", flush=True)
