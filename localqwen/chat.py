@@ -35,6 +35,7 @@ from localqwen.conversation import (
 from localqwen.errors import BadRequest, LocalqwenError
 from localqwen.events import Event, Stats
 from localqwen.model import Model
+from localqwen.remote import RemoteModel
 
 WARN_AT = 0.8  # share of the context in use after a reply that earns a warning
 HELP = """\
@@ -157,7 +158,7 @@ class ReplyView:
 class ChatSession:
     """The conversation and the slash commands, apart from the prompt."""
 
-    def __init__(self, model: Model, settings: ChatSettings, console: Console) -> None:
+    def __init__(self, model: Model | RemoteModel, settings: ChatSettings, console: Console) -> None:
         self.model, self.settings, self.console = model, validate(settings, model.sampling), console
         self.messages: list[Message] = []
         self.last: Stats | None = None
@@ -168,7 +169,16 @@ class ChatSession:
         return ([{"role": "system", "content": self.settings.system}] if self.settings.system else []) + messages
 
     def count(self, messages: list[Message]) -> int:
-        return len(self.model.tokenize_chat(self.prompt_of(messages))) if messages else 0
+        if not messages:
+            return 0
+        if isinstance(self.model, RemoteModel) and not self.model.can_tokenize:  # what the last reply took
+            return self.last.prompt_tokens + self.last.completion_tokens if self.last and self.messages else 0
+        return len(self.model.tokenize_chat(self.prompt_of(messages)))
+
+    def tokens_in(self, text: str) -> int:
+        if isinstance(self.model, RemoteModel) and not self.model.can_tokenize:
+            return len(text.encode()) // 4  # about 4 bytes per token of English text
+        return len(self.model.tokenize(text))
 
     def note(self, text: str, style: str = "dim") -> None:
         self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
@@ -201,21 +211,26 @@ class ChatSession:
         self.note(message)
 
     def show(self, arg: str) -> None:
-        plan, s = self.model.plan.to_dict(), self.settings
-        sizes = [f"{k.removesuffix('_cpu')} {v / 2**20:.0f}" for k, v in plan.items()
-                 if k.endswith(("_cpu", "_gpu", "output")) and k not in ("total_cpu", "total_gpu") and v]
+        s = self.settings
         sampling = self.model.sampling.with_overrides(**s.sampling).to_dict()
-        rows = {"model": self.model.path, "quant": self.model.meta.quant.upper() or "?",
-                "context": f"{self.model.n_ctx} tokens, {self.used} in use",
-                "memory": f"{plan['total'] / 2**20:.0f} MiB ({', '.join(sizes)} MiB)",
-                "kv cache": f"{plan['kv_type']}, flash attention {'on' if plan['flash_attn'] else 'off'}, "
-                            f"{plan['gpu_layers']} GPU layers",
+        rows = {**(self.model.describe(self.used) if isinstance(self.model, RemoteModel) else self.local_rows()),
                 **{k: "random" if v is None else v for k, v in sampling.items()},
                 "max_tokens": s.max_tokens or "default",
                 "thinking_budget": "none" if s.thinking_budget is None else s.thinking_budget,
                 "thinking": "hide" if s.hide_thinking else "show", "verbose": "on" if s.verbose else "off",
                 "system": s.system or "(none)"}
         self.note("\n".join(f"  {k:<17}{v}" for k, v in rows.items()), style="")
+
+    def local_rows(self) -> dict[str, Any]:
+        assert isinstance(self.model, Model)
+        plan = self.model.plan.to_dict()
+        sizes = [f"{k.removesuffix('_cpu')} {v / 2**20:.0f}" for k, v in plan.items()
+                 if k.endswith(("_cpu", "_gpu", "output")) and k not in ("total_cpu", "total_gpu") and v]
+        return {"model": self.model.path, "quant": self.model.meta.quant.upper() or "?",
+                "context": f"{self.model.n_ctx} tokens, {self.used} in use",
+                "memory": f"{plan['total'] / 2**20:.0f} MiB ({', '.join(sizes)} MiB)",
+                "kv cache": f"{plan['kv_type']}, flash attention {'on' if plan['flash_attn'] else 'off'}, "
+                            f"{plan['gpu_layers']} GPU layers"}
 
     def stats(self, arg: str = "") -> None:
         if self.last is None:
@@ -255,8 +270,7 @@ class ChatSession:
         if dropped:
             self.messages = messages[:-1]
             self.note(f"dropped {dropped} earlier turn{'s' * (dropped > 1)} to fit the context", style="yellow")
-        view = ReplyView(self.console, not s.hide_thinking,
-                         lambda t: len(self.model.tokenize(t)))
+        view = ReplyView(self.console, not s.hide_thinking, self.tokens_in)
         try:
             with self.interruptible():
                 events = self.model.chat(self.prompt_of(messages), max_tokens=s.max_tokens,
@@ -334,7 +348,7 @@ class PlainPrompt:
         return line.rstrip("\n")
 
 
-def chat_repl(model: Model, settings: ChatSettings, *, input: Any = None, output: Any = None) -> None:
+def chat_repl(model: Model | RemoteModel, settings: ChatSettings, *, input: Any = None, output: Any = None) -> None:
     """The chat loop. `input`: a prompt_toolkit Input (default the terminal); `output`: a text stream for everything
     shown (default stdout; one that is not a terminal gets plain text)."""
     from prompt_toolkit import PromptSession
@@ -358,8 +372,8 @@ def chat_repl(model: Model, settings: ChatSettings, *, input: Any = None, output
         history=history, key_bindings=bindings, bottom_toolbar=chat.toolbar, prompt_continuation="... ",
         placeholder=[("#888888", "Send a message (/? for help)")], input=input,
         output=None if output is None else create_output(output) if output.isatty() else DummyOutput())
-    chat.note(f"localqwen chat · {model.path.name} · context {model.n_ctx} tokens · /help for commands, "
-              "Ctrl+D or /bye to leave")
+    name = f"{model.model_id} at {model.url}" if isinstance(model, RemoteModel) else model.path.name
+    chat.note(f"localqwen chat · {name} · context {model.n_ctx} tokens · /help for commands, Ctrl+D or /bye to leave")
     while True:
         try:
             text, block = read_message(session)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = ["BadRequest", "CheckpointError", "ContextOverflow", "HubError", "LocalqwenError", "ModelBusy",
-           "ModelFileError"]
+           "ModelFileError", "RemoteError"]
 
 
 class LocalqwenError(Exception):
@@ -48,3 +48,12 @@ class ContextOverflow(BadRequest):
 
 class ModelBusy(LocalqwenError):
     """Every generation slot is taken and the caller chose not to wait."""
+
+
+class RemoteError(LocalqwenError):
+    """A remote endpoint (localqwen.remote) could not be reached, timed out, or answered with an HTTP error; the
+    message names the endpoint. `status` is the endpoint's HTTP status, None when no answer came."""
+
+    def __init__(self, message: str, endpoint: str, status: int | None = None) -> None:
+        self.endpoint, self.status = endpoint, status
+        super().__init__(message, endpoint)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from localqwen.cli.edge import Command
-from localqwen.cli.options import generation_options, with_model
+from localqwen.cli.options import UPSTREAM, generation_options, with_model
 
 
 def read_prompt(prompt: str | None) -> str:
@@ -70,14 +70,15 @@ def chat_command(model: Any, system: str | None, max_tokens: int | None, thinkin
 
 
 @click.command("serve", cls=Command)
-@with_model
+@with_model(remote=UPSTREAM)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", envvar="LOCALQWEN_API_KEY", help="Require this bearer key (env LOCALQWEN_API_KEY).")
 @click.option("--reasoning-format", type=click.Choice(["deepseek", "none"]), default="deepseek", show_default=True,
               help="deepseek: thinking in reasoning_content; none: <think>...</think> left in content.")
 def serve_command(model: Any, host: str, port: int, api_key: str | None, reasoning_format: str) -> None:
-    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), of a local model or, with
+    --upstream, of a serving engine's."""
     from localqwen.server import serve
 
     serve(model, host=host, port=port, api_key=api_key, reasoning_format=reasoning_format)

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from localqwen.model import Model
+from localqwen.remote import RemoteModel
 from localqwen.server import openai, utility
 from localqwen.server.http import APIError, api_error
 from localqwen.server.runs import ClientGone, Scheduler
@@ -26,19 +27,21 @@ from localqwen.server.state import REASONING_FORMATS, ServerState
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def create_app(model: Model, *, api_key: str | None = None, reasoning_format: str = "deepseek",
+def create_app(model: Model | RemoteModel, *, api_key: str | None = None, reasoning_format: str = "deepseek",
                model_id: str | None = None, max_queue: int = 8, max_body_bytes: int = 4 << 20) -> FastAPI:
-    """The API for `model`. reasoning_format: "deepseek" (reasoning_content) or "none" (<think> in content)."""
+    """The API for `model` (a local one, or a RemoteModel: the engine behind it runs up to its `concurrency`
+    requests at once). reasoning_format: "deepseek" (reasoning_content) or "none" (<think> in content)."""
     if reasoning_format not in REASONING_FORMATS:
         raise ValueError(f"reasoning_format must be 'deepseek' or 'none', not {reasoning_format!r}")
-    server = ServerState(model, model_id or model.path.stem, Scheduler(model, max_queue), api_key=api_key,
+    slots = model.concurrency if isinstance(model, RemoteModel) else 1
+    server = ServerState(model, model_id or model_name(model), Scheduler(model, max_queue, slots), api_key=api_key,
                          reasoning_format=reasoning_format, max_body_bytes=max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        if server.scheduler.slot.locked():
-            model.cancel()  # shutting down: the running generation ends now, its worker thread with it
+        if server.scheduler.slot.locked() or isinstance(model, RemoteModel):
+            model.cancel()  # shutting down: the running generations end now, their worker threads with them
 
     app = FastAPI(title="localqwen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -71,12 +74,18 @@ async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
                     headers=exc.headers).response()
 
 
-def serve(model: Model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def model_name(model: Model | RemoteModel) -> str:
+    return model.model_id if isinstance(model, RemoteModel) else model.path.stem
+
+
+def serve(model: Model | RemoteModel, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           reasoning_format: str = "deepseek") -> None:
     """Serve the API until Ctrl+C (loopback only by default)."""
     app = create_app(model, api_key=api_key, reasoning_format=reasoning_format)
     shown = f"[{host}]" if ":" in host else host
-    print(f"localqwen: serving {model.path.stem} (context {model.n_ctx}) at http://{shown}:{port}/v1", flush=True)
+    upstream = f" from {model.url}" if isinstance(model, RemoteModel) else ""
+    print(f"localqwen: serving {model_name(model)}{upstream} (context {model.n_ctx}) at http://{shown}:{port}/v1",
+          flush=True)
     if api_key is None and host not in LOOPBACK:
         print("localqwen: warning: listening beyond this machine without an API key (--api-key)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3)

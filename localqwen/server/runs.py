@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from localqwen.events import Event
 from localqwen.model import Model
+from localqwen.remote import RemoteModel
 from localqwen.server.http import RETRY_AFTER_S, APIError, api_error
 
 T = TypeVar("T")
@@ -25,8 +26,9 @@ _STARTED, _END = object(), object()
 class Generation:
     """One model run in a worker thread; its events reach the event loop through an asyncio queue."""
 
-    def __init__(self, model: Model, start: Callable[[], Iterator[Event]]) -> None:
+    def __init__(self, model: Model | RemoteModel, start: Callable[[], Iterator[Event]]) -> None:
         self.model, self._start = model, start
+        self._events: Iterator[Event] | None = None
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._stop = threading.Event()
@@ -39,13 +41,13 @@ class Generation:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
         try:
-            events = self._start()
+            events = self._events = self._start()
             put(_STARTED)
             try:
                 for event in events:
                     put(event)
                     if self._stop.is_set():
-                        self.model.cancel()  # again: a cancel before the model lock was taken is cleared by it
+                        self._cancel()  # again: a cancel before the model lock was taken is cleared by it
             finally:
                 close = getattr(events, "close", None)
                 if close is not None:
@@ -59,7 +61,13 @@ class Generation:
         """Cancel the generation (from the event loop); it ends at its next token with a done event."""
         self._stop.set()
         if not self._ended and self.future is not None and not self.future.done():
-            self.model.cancel()  # the model runs nothing but this generation until the future is done
+            self._cancel()
+
+    def _cancel(self) -> None:
+        """A stream that can be cancelled on its own (a remote one) is; the local model runs nothing but this
+        generation until the future is done."""
+        cancel = getattr(self._events, "cancel", None)
+        (cancel or self.model.cancel)()
 
     async def open(self) -> None:
         """Wait until the generation has started; raise what kept it from starting."""
@@ -99,11 +107,11 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
 
 
 class Scheduler:
-    """One generation at a time; at most `max_queue` requests wait for it."""
+    """`slots` generations at a time (one on a local model); at most `max_queue` requests wait for a slot."""
 
-    def __init__(self, model: Model, max_queue: int) -> None:
+    def __init__(self, model: Model | RemoteModel, max_queue: int, slots: int = 1) -> None:
         self.model, self.max_queue = model, max_queue
-        self.slot = asyncio.Lock()
+        self.slot = asyncio.Semaphore(slots)
         self.waiting = 0
 
     async def start(self, request: Request, start: Callable[[], Iterator[Event]]) -> Generation:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from localqwen.events import Event
 from localqwen.model import Model
+from localqwen.remote import RemoteModel
 from localqwen.server.http import APIError, parse_body
 from localqwen.server.runs import Generation, Scheduler
 
@@ -24,7 +25,7 @@ REASONING_FORMATS = ("deepseek", "none")
 
 @dataclass
 class ServerState:
-    model: Model
+    model: Model | RemoteModel
     model_id: str
     scheduler: Scheduler
     api_key: str | None = None
