@@ -25,30 +25,32 @@ if TYPE_CHECKING:
         LocalqwenError,
         ModelBusy,
         ModelFileError,
+        RemoteError,
     )
     from localqwen.events import Event, Reply, Stats, ToolCall
     from localqwen.info import model_info, plan_report
     from localqwen.model import Model
+    from localqwen.remote import RemoteModel
     from localqwen.sampling import OPTIONS, Sampling
     from localqwen.store import pull, resolve_model
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "Model": "localqwen.model",
+    "Model": "localqwen.model", "RemoteModel": "localqwen.remote",
     "Event": "localqwen.events", "Reply": "localqwen.events", "Stats": "localqwen.events",
     "ToolCall": "localqwen.events",
     "Sampling": "localqwen.sampling", "OPTIONS": "localqwen.sampling",
     "LocalqwenError": "localqwen.errors", "ModelFileError": "localqwen.errors", "CheckpointError": "localqwen.errors",
     "HubError": "localqwen.errors", "BadRequest": "localqwen.errors", "ContextOverflow": "localqwen.errors",
-    "ModelBusy": "localqwen.errors",
+    "ModelBusy": "localqwen.errors", "RemoteError": "localqwen.errors",
     "convert": "localqwen.convert",
     "pull": "localqwen.store", "resolve_model": "localqwen.store",
     "model_info": "localqwen.info", "plan_report": "localqwen.info",
 }
 __all__ = [
     "OPTIONS", "BadRequest", "CheckpointError", "ContextOverflow", "Event", "HubError", "LocalqwenError", "Model",
-    "ModelBusy", "ModelFileError", "Reply", "Sampling", "Stats", "ToolCall", "convert", "model_info", "plan_report",
-    "pull", "resolve_model",
+    "ModelBusy", "ModelFileError", "RemoteError", "RemoteModel", "Reply", "Sampling", "Stats", "ToolCall", "convert",
+    "model_info", "plan_report", "pull", "resolve_model",
 ]
 
 

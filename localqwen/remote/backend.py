@@ -1,0 +1,255 @@
+"""RemoteModel: an OpenAI-compatible endpoint behind Model's interface (what it serves, how requests for it are
+written per engine, its tokenizer), and how an endpoint is recognised."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import httpx
+
+from localqwen.constants import NATIVE_CONTEXT, THINKING_BUDGET_WRAP_UP
+from localqwen.errors import BadRequest, RemoteError
+from localqwen.generation import Limits, Turn
+from localqwen.remote.streams import AsyncRemoteStream, RemoteStream
+from localqwen.remote.wire import CONNECT_TIMEOUT_S, get_json, json_of, transport_error
+from localqwen.sampling import Sampling
+
+Engine = Literal["localqwen", "llamacpp", "vllm", "openai"]
+# /v1/models' `owned_by` names the engine behind an endpoint.
+ENGINES: dict[str, Engine] = {"localqwen": "localqwen", "llamacpp": "llamacpp", "vllm": "vllm"}
+# What llama-server puts before `</think>` when a request's reasoning_budget_tokens run out: the Qwen3 report's
+# wrap-up, laid out as localqwen's own runtime writes it (Model's WRAP_UP_TEXT without the closing tag).
+LLAMACPP_BUDGET_MESSAGE = "\n\n" + THINKING_BUDGET_WRAP_UP
+# A reply's thinking budget and answer reserve are planned as localqwen's runtime plans them; llama.cpp spends this
+# many tokens on the wrap-up message and </think> (measured once on the endpoint; this is its usual size).
+WRAP_UP_TOKENS = 25
+# Between two bytes of a reply: a CPU engine may think about a long prompt for minutes before its first token.
+READ_TIMEOUT_S = 600.0
+# Requests `serve --upstream` forwards at once: the engine batches them (more wait in localqwen's queue).
+DEFAULT_CONCURRENCY = 8
+HUGE = 1 << 62  # no limit of localqwen's own: the engine enforces max_tokens and its context
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What an endpoint says about itself: the engine, the served model's id, its context and vocabulary."""
+
+    engine: Engine
+    model_id: str
+    n_ctx: int | None  # per request (per slot on llama-server); None when the endpoint does not say
+    n_vocab: int | None
+    sampling: Sampling  # the engine's defaults where it reports them, else the model card's
+
+
+class RemoteModel:
+    def __init__(self, url: str, http: httpx.Client, endpoint: Endpoint, *, timeout: float,
+                 concurrency: int = DEFAULT_CONCURRENCY) -> None:
+        self.url, self.endpoint, self.timeout, self.concurrency = url, endpoint, timeout, concurrency
+        self.model_id, self.sampling = endpoint.model_id, endpoint.sampling
+        self._http = http
+        self._streams: set[RemoteStream | AsyncRemoteStream] = set()
+        self._streams_lock = threading.Lock()
+
+    @classmethod
+    def connect(cls, url: str, *, api_key: str | None = None, model: str | None = None,
+                timeout: float = READ_TIMEOUT_S, concurrency: int = DEFAULT_CONCURRENCY) -> RemoteModel:
+        """Connect to an OpenAI-compatible endpoint (with or without its /v1) and find the model it serves: `model`,
+        or the only (else the first) one listed."""
+        base = url.rstrip("/").removesuffix("/v1").rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise RemoteError("not an http:// or https:// URL", url)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        http = httpx.Client(base_url=base, headers=headers,
+                            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S),
+                            limits=httpx.Limits(max_connections=concurrency + 4))
+        try:
+            endpoint = discover(http, base, model)
+        except BaseException:
+            http.close()
+            raise
+        return cls(base, http, endpoint, timeout=timeout, concurrency=concurrency)
+
+    # --- what the front ends read -----------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        return self.endpoint.engine
+
+    @property
+    def n_ctx(self) -> int:
+        """The context one request may fill; the model's native context when the endpoint does not say."""
+        return self.endpoint.n_ctx or NATIVE_CONTEXT
+
+    @property
+    def context_known(self) -> bool:
+        return self.endpoint.n_ctx is not None
+
+    @property
+    def n_vocab(self) -> int:
+        return self.endpoint.n_vocab or HUGE  # unknown: the endpoint checks the ids itself
+
+    @property
+    def can_tokenize(self) -> bool:
+        """Does the endpoint tokenize (localqwen, llama-server and vLLM do: /tokenize)?"""
+        return self.engine != "openai"
+
+    def describe(self, used: int) -> dict[str, str]:
+        """Rows for the terminal chat's /show; `used`: the tokens the conversation takes."""
+        return {"endpoint": f"{self.url} ({self.engine})", "model": self.model_id,
+                "context": (f"{self.n_ctx} tokens, {used} in use" if self.context_known else
+                            f"{used} tokens in use; the endpoint does not say its context: assumed {NATIVE_CONTEXT}, "
+                            "the model's native one"),
+                "tokens": "counted by the endpoint" if self.can_tokenize else
+                          "the endpoint has no /tokenize: context use is taken from the last reply's usage"}
+
+    # --- tokens ------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of `text` by the endpoint's tokenizer. vLLM's always reads special-token text as special."""
+        if self.engine == "vllm":
+            body: dict[str, Any] = {"model": self.model_id, "prompt": text, "add_special_tokens": False}
+        else:
+            body = {"content": text, "parse_special": special, "add_special": False}
+        return self._tokens(self._post_json("/tokenize", body))
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        data = self._post_json("/detokenize", {"model": self.model_id, "tokens": list(tokens)})
+        return str(data.get("content", data.get("prompt", "")))
+
+    def tokenize_chat(self, messages: list[Any], tools: list[Any] | None = None) -> list[int]:
+        """The prompt tokens the endpoint makes of `messages` with its chat template."""
+        if self.engine == "llamacpp":  # its /tokenize takes text only: render with its template first
+            prompt = self._post_json("/apply-template", {"messages": messages, "tools": tools or []})["prompt"]
+            return self._tokens(self._post_json("/tokenize", {"content": prompt, "parse_special": True}))
+        return self._tokens(self._post_json("/tokenize", {"model": self.model_id, "messages": messages,
+                                                          "tools": tools, "add_generation_prompt": True}))
+
+    def _tokens(self, data: dict[str, Any]) -> list[int]:
+        tokens = data.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise RemoteError("/tokenize gave no token list", self.url)
+        return tokens
+
+    # --- generation ----------------------------------------------------------------------------------------------
+
+    def chat(self, messages: list[Any], *, tools: list[Any] | None = None, max_tokens: int | None = None,
+             thinking_budget: int | None = None, answer_reserve: int | None = None, stop: str | list[str] | None = None,
+             wait: float | None = None, **sampling: Any) -> RemoteStream:
+        """Stream the reply to `messages` as events, as Model.chat does. The request is sent now: an error the
+        endpoint answers with (a prompt too long, a wrong key) raises here. `wait` is accepted for Model's signature:
+        the engine queues requests itself."""
+        body, stops = self._chat_body(messages, tools, max_tokens, thinking_budget, answer_reserve, stop, sampling)
+        return RemoteStream(self, "/v1/chat/completions", body, Turn(0, Limits(HUGE, HUGE), thinking=True,
+                                                                     stops=stops), messages, tools)
+
+    def generate(self, prompt: Sequence[int], *, max_tokens: int | None = None, thinking_budget: int | None = None,
+                 answer_reserve: int | None = None, thinking: bool = True, stop: str | list[str] | None = None,
+                 wait: float | None = None, **sampling: Any) -> RemoteStream:
+        """A raw completion of prompt tokens (/v1/completions), as Model.generate; `thinking`: the prompt leaves the
+        model inside `<think>`. Stop strings go to the engine (a raw prompt has no thinking apart)."""
+        if thinking_budget is not None:
+            raise BadRequest("a thinking budget needs a chat request: raw completions have no thinking apart")
+        body = {"model": self.model_id, "prompt": list(prompt), "stream": True, **self._sampling_fields(sampling)}
+        body.update({"stream_options": {"include_usage": True}} | ({"max_tokens": max_tokens} if max_tokens else {}))
+        if stop:
+            body["stop"] = stop
+        return RemoteStream(self, "/v1/completions", body, Turn(len(prompt), Limits(HUGE, HUGE), thinking=thinking))
+
+    def achat(self, messages: list[Any], **options: Any) -> AsyncRemoteStream:
+        """`chat` for asyncio: an async iterator of the same events, with `cancel()` and `aclose()`. The request is
+        sent on the first iteration (or `await stream.open()`)."""
+        body, stops = self._chat_body(messages, options.pop("tools", None), options.pop("max_tokens", None),
+                                      options.pop("thinking_budget", None), options.pop("answer_reserve", None),
+                                      options.pop("stop", None), {k: v for k, v in options.items() if k != "wait"})
+        return AsyncRemoteStream(self, "/v1/chat/completions", body, Turn(0, Limits(HUGE, HUGE), thinking=True,
+                                                                          stops=stops))
+
+    def cancel(self) -> None:
+        """Stop every running stream of this backend (from any thread): each ends with finish reason "cancelled"."""
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.cancel()
+
+    def close(self) -> None:
+        self.cancel()
+        self._http.close()
+
+    def _chat_body(self, messages: list[Any], tools: list[Any] | None, max_tokens: int | None,
+                   thinking_budget: int | None, answer_reserve: int | None, stop: str | list[str] | None,
+                   sampling: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The request body for the engine, and the stop strings left for the client side."""
+        if not messages:
+            raise BadRequest("at least one message is needed")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        body: dict[str, Any] = {"model": self.model_id, "messages": messages, "stream": True,
+                                "stream_options": {"include_usage": True}, **self._sampling_fields(sampling)}
+        if tools:
+            body["tools"] = tools
+        limits = Limits.for_reply(room=HUGE, max_tokens=max_tokens, thinking_budget=thinking_budget,
+                                  answer_reserve=answer_reserve, wrap_up_tokens=WRAP_UP_TOKENS)  # checks the values
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if self.engine == "localqwen":  # the same semantics server-side: stop strings and budget go as they are
+            body.update({"stop": stops} if stops else {})
+            body.update({"thinking_budget": thinking_budget} if thinking_budget is not None else {})
+            return body, []
+        if self.engine == "llamacpp":
+            if thinking_budget is not None or (max_tokens is not None and limits.thinking < limits.total):
+                body["reasoning_budget_tokens"] = max(0, min(limits.thinking, limits.total))
+                body["reasoning_budget_message"] = LLAMACPP_BUDGET_MESSAGE
+        elif thinking_budget is not None:
+            raise BadRequest(f"the {self.engine} endpoint {self.url} has no per-request thinking budget: leave "
+                             "thinking_budget unset there (llama-server and localqwen serve have one)")
+        return body, stops
+
+    def _sampling_fields(self, sampling: dict[str, Any]) -> dict[str, Any]:
+        """The sampling the caller set (checked as a local model checks it); unset ones are the engine's defaults."""
+        self.sampling.with_overrides(**sampling)
+        return {k: v for k, v in sampling.items() if v is not None}
+
+    def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = self._http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.url + path) from None
+        return json_of(response, self.url + path)
+
+    def _track(self, stream: RemoteStream | AsyncRemoteStream, running: bool) -> None:
+        with self._streams_lock:
+            (self._streams.add if running else self._streams.discard)(stream)
+
+
+def discover(http: httpx.Client, base: str, model: str | None) -> Endpoint:
+    """Read /v1/models (and /props where the engine has it) into an Endpoint."""
+    listed = get_json(http, base, "/v1/models").get("data")
+    if not isinstance(listed, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in listed):
+        raise RemoteError("/v1/models did not list models", base)
+    if not listed:
+        raise RemoteError("serves no model (/v1/models is empty)", base)
+    ids = [m["id"] for m in listed]
+    if model is not None and model not in ids:
+        raise RemoteError(f"does not serve {model!r}: it serves {', '.join(ids)}", base)
+    card = listed[ids.index(model)] if model is not None else listed[0]
+    engine = ENGINES.get(str(card.get("owned_by")), "openai")
+    meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}
+    n_ctx = card.get("context_length") or card.get("max_model_len") or meta.get("n_ctx")
+    props: dict[str, Any] = {}
+    if engine in ("localqwen", "llamacpp"):
+        props = get_json(http, base, "/props")
+    return Endpoint(engine, card["id"], n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None,
+                    meta.get("n_vocab") if isinstance(meta.get("n_vocab"), int) else None, engine_sampling(props))
+
+
+def engine_sampling(props: dict[str, Any]) -> Sampling:
+    """The sampling defaults /props reports (localqwen: `sampling`; llama.cpp: `default_generation_settings.params`);
+    the model card's when there are none, or when they are not values localqwen accepts."""
+    reported = props.get("sampling") or (props.get("default_generation_settings") or {}).get("params") or {}
+    names = {f.name for f in fields(Sampling)} - {"seed"}
+    try:
+        return Sampling(**{k: v for k, v in reported.items() if k in names})
+    except (BadRequest, TypeError):
+        return Sampling()

@@ -1,0 +1,66 @@
+"""Requests to an endpoint and their failures, each one line naming the endpoint (RemoteError)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from localqwen.errors import RemoteError
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def get_json(http: httpx.Client, base: str, path: str) -> dict[str, Any]:
+    try:
+        response = http.get(path)
+    except httpx.HTTPError as exc:
+        raise transport_error(exc, base + path) from None
+    return json_of(response, base + path)
+
+
+def json_of(response: httpx.Response, where: str) -> dict[str, Any]:
+    if response.status_code >= 400:
+        raise status_error(response, where)
+    try:
+        data = response.json()
+    except ValueError:
+        raise RemoteError(f"answered HTTP {response.status_code} with a body that is not JSON", where) from None
+    if not isinstance(data, dict):
+        raise RemoteError("answered with JSON that is not an object", where)
+    return data
+
+
+def error_message(body: Any) -> str:
+    """The message of an error body: OpenAI's {"error": {"message"}}, vLLM's older {"message"}, FastAPI's
+    {"detail"}."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        message = message or body.get("message") or body.get("detail")
+        if message:
+            return " ".join(str(message).split())[:300]
+    return " ".join(str(body).split())[:300]
+
+
+def status_error(response: httpx.Response, where: str) -> RemoteError:
+    try:
+        message = error_message(response.json())
+    except ValueError:
+        message = " ".join(response.text.split())[:300] or response.reason_phrase
+    return RemoteError(f"HTTP {response.status_code}: {message}", where, response.status_code)
+
+
+def transport_error(exc: httpx.HTTPError, where: str) -> RemoteError:
+    """One line for each way a request fails before an HTTP status comes back."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        why = f"no connection within {CONNECT_TIMEOUT_S:g} s"
+    elif isinstance(exc, httpx.TimeoutException):
+        why = "timed out waiting for the reply (the engine may be overloaded; raise the timeout)"
+    elif isinstance(exc, httpx.ConnectError):
+        why = f"cannot connect ({str(exc) or type(exc).__name__}): is the engine running there?"
+    elif isinstance(exc, httpx.RemoteProtocolError):
+        why = f"the connection broke off ({str(exc) or 'the server closed it'})"
+    else:
+        why = f"{type(exc).__name__}: {str(exc) or 'request failed'}"
+    return RemoteError(" ".join(why.split()), where)
