@@ -199,7 +199,9 @@ class RemoteModel:
             return body, []
         if self.engine == "llamacpp":
             if thinking_budget is not None or (max_tokens is not None and limits.thinking < limits.total):
-                body["reasoning_budget_tokens"] = max(0, min(limits.thinking, limits.total))
+                # llama-server counts the template's "\n" after <think> (the prompt's last token) against the budget.
+                thinking = max(0, min(limits.thinking, limits.total))
+                body["reasoning_budget_tokens"] = thinking + 1 if thinking else 0
                 body["reasoning_budget_message"] = LLAMACPP_BUDGET_MESSAGE
         elif thinking_budget is not None:
             raise BadRequest(f"the {self.engine} endpoint {self.url} has no per-request thinking budget: leave "

@@ -39,6 +39,8 @@ class ChunkReader:
                 events += self._raw(choice.get("text") or "")
                 continue
             delta = choice.get("delta") or {}
+            if not delta and not choice.get("finish_reason") and self.mode != "unknown":
+                events += self._token("")  # vLLM: a token that ends inside a character (its bytes come later)
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")  # localqwen sends both
             if reasoning:
                 events += self._reasoning(reasoning)
@@ -108,8 +110,9 @@ class ChunkReader:
         return events
 
     def _answer(self) -> list[Event]:
-        """Close the thinking (the engine cut `</think>` out) before the first answer text or tool call."""
-        return self.turn.forced(THINK_CLOSE, 0) if self.turn.thinking else []
+        """Close the thinking (the engine cut `</think>` out, a token localqwen counts as thinking) before the first
+        answer text or tool call."""
+        return self.turn.forced(THINK_CLOSE, 1) if self.turn.thinking else []
 
     def _call_fragment(self, call: dict[str, Any]) -> None:
         if self.mode == "unknown":
