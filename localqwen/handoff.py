@@ -15,16 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localqwen.constants import DEFAULT_CONTEXT, DEFAULT_REPO, MODEL_NAME, THINKING_BUDGET_WRAP_UP
+from localqwen.constants import DEFAULT_CONTEXT, DEFAULT_REPO, MODEL_NAME, THINKING_WRAP_UP_MESSAGE
 from localqwen.errors import BadRequest, LocalqwenError
 from localqwen.metadata import read_metadata
 from localqwen.plan import CTX_PAD, MemoryPlan, auto_gpu_layers, choose_plan, plan_memory, shape_of, shortfall
 from localqwen.sampling import Sampling
 from localqwen.synthetic import QWEN3_4B, tensor_shapes
 
-# What closes the thinking when a request's reasoning budget runs out: the Qwen3 report's sentence in the template's
-# layout (llama-server puts it before `</think>`), for every client, not only localqwen's remote backend.
-BUDGET_MESSAGE = "\n\n" + THINKING_BUDGET_WRAP_UP
 # vLLM's parsers for this model: thinking up to `</think>` (the template opens `<think>` in the prompt), and Qwen's
 # Hermes-style `<tool_call>{json}</tool_call>` blocks.
 VLLM_REASONING_PARSER = "deepseek_r1"
@@ -109,7 +106,9 @@ def llama_server_command(gguf: Path, *, users: int = DEFAULT_USERS, ctx_per_user
     sampling = Sampling.from_metadata(read_metadata(gguf).sampling)
     argv = [binary, "-m", str(gguf), "--alias", MODEL_NAME, "--host", host, "--port", str(port),
             "-np", str(users), "--kv-unified", "-c", str(users * per_user), "--kv-unified-per-slot", str(per_user),
-            "--jinja", "--reasoning-format", "deepseek", "--reasoning-budget-message", BUDGET_MESSAGE,
+            "--jinja", "--reasoning-format", "deepseek",
+            # any client's reasoning_budget_tokens then wraps up as the Qwen3 report does, not only localqwen's
+            "--reasoning-budget-message", THINKING_WRAP_UP_MESSAGE,
             *sampling_flags(sampling), "--metrics"]
     if kv_type != "f16":
         argv += ["-ctk", kv_type, "-ctv", kv_type]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from localqwen.backend import CancelFlag, open_llama
-from localqwen.constants import ENDOFTEXT_ID, IM_END_ID, THINKING_BUDGET_WRAP_UP, THINKING_CLOSER
+from localqwen.constants import ENDOFTEXT_ID, IM_END_ID, THINKING_WRAP_UP_TEXT
 from localqwen.errors import ContextOverflow, ModelBusy, ModelFileError
 from localqwen.events import Event
 from localqwen.generation import Limits, Turn, timings
@@ -32,9 +32,8 @@ from localqwen.sampling import Sampling
 
 # ggml type ids for the KV cache (ggml.h: GGML_TYPE_F16 = 1, GGML_TYPE_Q4_0 = 2, GGML_TYPE_Q8_0 = 8).
 GGML_KV_TYPE_IDS = {"f16": 1, "q8_0": 8, "q4_0": 2}
-# What closes thinking when its budget runs out: the Qwen3 report's sentence, then the template's layout
-# (the report writes "</think>.\n\n"; the chat template renders "</think>\n\n").
-WRAP_UP_TEXT = "\n\n" + THINKING_BUDGET_WRAP_UP.rstrip("\n") + THINKING_CLOSER
+# What closes thinking when its budget runs out.
+WRAP_UP_TEXT = THINKING_WRAP_UP_TEXT
 
 
 class Model:

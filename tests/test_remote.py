@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -106,6 +107,32 @@ def test_replies_equal_the_local_model(local: dict, options: dict) -> None:
     same_reply(remote, Reply.collect(local["scripted"].chat(HI, **GREEDY, **options)))
     if "thinking_budget" in options:
         assert remote.thinking.endswith(THINKING_BUDGET_WRAP_UP.strip()) and remote.content == ANSWER
+
+
+@pytest.fixture
+def client_budget(local: dict) -> Iterator[RemoteModel]:
+    """The main endpoint, its budgets enforced by the client, as for an engine without a per-request budget (vLLM)."""
+    remote = RemoteModel.connect(local["urls"]["main"], api_key=KEY)
+    remote.endpoint = dataclasses.replace(remote.endpoint, budget_field=None)
+    yield remote
+    remote.close()
+
+
+@pytest.mark.parametrize("options", [{"thinking_budget": 3}, {"thinking_budget": 0}, {"max_tokens": 40}])
+def test_budget_enforced_by_the_client(local: dict, client_budget: RemoteModel, options: dict) -> None:
+    # The chat stream is closed when the budget is spent, and the reply goes on as a raw completion after the thinking
+    # so far and the wrap-up, as the local runtime's second phase does.
+    assert client_budget.wrap_up_tokens == local["scripted"].wrap_up_tokens
+    same_reply(Reply.collect(client_budget.chat(HI, **GREEDY, **options)),
+               Reply.collect(local["scripted"].chat(HI, **GREEDY, **options)))
+    stream = client_budget.achat(HI, thinking_budget=3, stop=["What"], **GREEDY)  # async, and stops in phase two
+
+    async def collect() -> list[Event]:
+        return [event async for event in stream]
+
+    reply = Reply.collect(asyncio.run(collect()))
+    assert (reply.thinking, reply.content, reply.stats.finish_reason) == (
+        Reply.collect(local["scripted"].chat(HI, thinking_budget=3, **GREEDY)).thinking, "Hello there!", "stop")
 
 
 def test_stop_strings_end_the_answer_only(local: dict) -> None:
@@ -249,9 +276,9 @@ def test_failures_are_one_line_errors(local: dict) -> None:
     assert caught.value.status == 400 and "\n" not in caught.value.message
     with pytest.raises(BadRequest, match="top_p"):
         remote.chat(HI, top_p=2.0)
-    with pytest.raises(BadRequest, match="no per-request thinking budget"):
-        RemoteModel("http://x", remote._http, Endpoint("vllm", "m", 512, None, Sampling()), timeout=1).chat(
-            HI, thinking_budget=4)
+    plain = RemoteModel("http://x", remote._http, Endpoint("openai", "m", 512, None, Sampling()), timeout=1)
+    with pytest.raises(BadRequest, match="neither a per-request thinking budget nor a tokenizer"):
+        plain.chat(HI, thinking_budget=4)
 
 
 # --- how each engine streams: the chunks they were seen to send (docs/scale-out.md) ------------------------------
@@ -283,7 +310,8 @@ def test_each_engines_stream_shape_is_normalised() -> None:
                                                    "completion_tokens_details": {"reasoning_tokens": 0}}))
     assert (vllm.thinking, vllm.content, vllm.stats.finish_reason) == ("Need weather", "Checking now!", "tool_calls")
     assert [(c.name, c.arguments) for c in vllm.tool_calls] == [(call["name"], call["arguments"])]
-    assert (vllm.stats.prompt_tokens, vllm.stats.thinking_tokens, vllm.stats.content_tokens) == (150, 2, 18)
+    # Thinking: two reasoning deltas, the empty one inside a character, and </think>.
+    assert (vllm.stats.prompt_tokens, vllm.stats.thinking_tokens, vllm.stats.content_tokens) == (150, 4, 16)
     # llama.cpp: thinking in `reasoning_content`, arguments re-serialised compactly, no reasoning token count.
     llama = read(deltas({"reasoning_content": "Need weather"}, {"content": "Checking now!"},
                         {"tool_calls": [{"index": 0, "id": "x", "type": "function",

@@ -3,6 +3,7 @@ written per engine, its tokenizer), and how an endpoint is recognised."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -10,7 +11,7 @@ from typing import Any, Literal
 
 import httpx
 
-from localqwen.constants import NATIVE_CONTEXT, THINKING_BUDGET_WRAP_UP
+from localqwen.constants import NATIVE_CONTEXT, THINKING_WRAP_UP_MESSAGE, THINKING_WRAP_UP_TEXT
 from localqwen.errors import BadRequest, RemoteError
 from localqwen.generation import Limits, Turn
 from localqwen.remote.streams import AsyncRemoteStream, RemoteStream
@@ -20,12 +21,8 @@ from localqwen.sampling import Sampling
 Engine = Literal["localqwen", "llamacpp", "vllm", "openai"]
 # /v1/models' `owned_by` names the engine behind an endpoint.
 ENGINES: dict[str, Engine] = {"localqwen": "localqwen", "llamacpp": "llamacpp", "vllm": "vllm"}
-# What llama-server puts before `</think>` when a request's reasoning_budget_tokens run out: the Qwen3 report's
-# wrap-up, laid out as localqwen's own runtime writes it (Model's WRAP_UP_TEXT without the closing tag).
-LLAMACPP_BUDGET_MESSAGE = "\n\n" + THINKING_BUDGET_WRAP_UP
-# A reply's thinking budget and answer reserve are planned as localqwen's runtime plans them; llama.cpp spends this
-# many tokens on the wrap-up message and </think> (measured once on the endpoint; this is its usual size).
-WRAP_UP_TOKENS = 25
+# The request field that gives a reply a thinking budget, by engine; the others get one from the client.
+BUDGET_FIELDS: dict[Engine, str] = {"localqwen": "thinking_budget", "llamacpp": "reasoning_budget_tokens"}
 # Between two bytes of a reply: a CPU engine may think about a long prompt for minutes before its first token.
 READ_TIMEOUT_S = 600.0
 # Requests `serve --upstream` forwards at once: the engine batches them (more wait in localqwen's queue).
@@ -35,13 +32,15 @@ HUGE = 1 << 62  # no limit of localqwen's own: the engine enforces max_tokens an
 
 @dataclass(frozen=True)
 class Endpoint:
-    """What an endpoint says about itself: the engine, the served model's id, its context and vocabulary."""
+    """What an endpoint says about itself: the engine, the served model's id, its context and vocabulary, and the
+    request field for a thinking budget (None: the client enforces budgets)."""
 
     engine: Engine
     model_id: str
     n_ctx: int | None  # per request (per slot on llama-server); None when the endpoint does not say
     n_vocab: int | None
     sampling: Sampling  # the engine's defaults where it reports them, else the model card's
+    budget_field: str | None = None
 
 
 class RemoteModel:
@@ -141,9 +140,8 @@ class RemoteModel:
         """Stream the reply to `messages` as events, as Model.chat does. The request is sent now: an error the
         endpoint answers with (a prompt too long, a wrong key) raises here. `wait` is accepted for Model's signature:
         the engine queues requests itself."""
-        body, stops = self._chat_body(messages, tools, max_tokens, thinking_budget, answer_reserve, stop, sampling)
-        return RemoteStream(self, "/v1/chat/completions", body, Turn(0, Limits(HUGE, HUGE), thinking=True,
-                                                                     stops=stops), messages, tools)
+        body, turn = self._chat_body(messages, tools, max_tokens, thinking_budget, answer_reserve, stop, sampling)
+        return RemoteStream(self, "/v1/chat/completions", body, turn, messages, tools)
 
     def generate(self, prompt: Sequence[int], *, max_tokens: int | None = None, thinking_budget: int | None = None,
                  answer_reserve: int | None = None, thinking: bool = True, stop: str | list[str] | None = None,
@@ -161,11 +159,11 @@ class RemoteModel:
     def achat(self, messages: list[Any], **options: Any) -> AsyncRemoteStream:
         """`chat` for asyncio: an async iterator of the same events, with `cancel()` and `aclose()`. The request is
         sent on the first iteration (or `await stream.open()`)."""
-        body, stops = self._chat_body(messages, options.pop("tools", None), options.pop("max_tokens", None),
-                                      options.pop("thinking_budget", None), options.pop("answer_reserve", None),
-                                      options.pop("stop", None), {k: v for k, v in options.items() if k != "wait"})
-        return AsyncRemoteStream(self, "/v1/chat/completions", body, Turn(0, Limits(HUGE, HUGE), thinking=True,
-                                                                          stops=stops))
+        tools = options.pop("tools", None)
+        body, turn = self._chat_body(messages, tools, options.pop("max_tokens", None),
+                                     options.pop("thinking_budget", None), options.pop("answer_reserve", None),
+                                     options.pop("stop", None), {k: v for k, v in options.items() if k != "wait"})
+        return AsyncRemoteStream(self, "/v1/chat/completions", body, turn, messages, tools)
 
     def cancel(self) -> None:
         """Stop every running stream of this backend (from any thread): each ends with finish reason "cancelled"."""
@@ -178,10 +176,16 @@ class RemoteModel:
         self.cancel()
         self._http.close()
 
+    @functools.cached_property
+    def wrap_up_tokens(self) -> int:
+        """Tokens of the thinking wrap-up, by the endpoint's tokenizer."""
+        return len(self.tokenize(THINKING_WRAP_UP_TEXT, special=True))
+
     def _chat_body(self, messages: list[Any], tools: list[Any] | None, max_tokens: int | None,
                    thinking_budget: int | None, answer_reserve: int | None, stop: str | list[str] | None,
-                   sampling: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """The request body for the engine, and the stop strings left for the client side."""
+                   sampling: dict[str, Any]) -> tuple[dict[str, Any], Turn]:
+        """The request body for the engine, and the Turn that reads its reply: with the stop strings and the thinking
+        limit the engine does not apply itself (the stream applies them)."""
         if not messages:
             raise BadRequest("at least one message is needed")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -189,24 +193,35 @@ class RemoteModel:
                                 "stream_options": {"include_usage": True}, **self._sampling_fields(sampling)}
         if tools:
             body["tools"] = tools
-        limits = Limits.for_reply(room=HUGE, max_tokens=max_tokens, thinking_budget=thinking_budget,
-                                  answer_reserve=answer_reserve, wrap_up_tokens=WRAP_UP_TOKENS)  # checks the values
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
-        if self.engine == "localqwen":  # the same semantics server-side: stop strings and budget go as they are
+        if self.engine == "localqwen":  # stop strings with the same semantics server-side: sent as they are
             body.update({"stop": stops} if stops else {})
+            stops = []
+        budget = self.endpoint.budget_field
+        if budget == "thinking_budget":  # localqwen plans the budget and the answer reserve itself
+            Limits.for_reply(room=HUGE, max_tokens=max_tokens, thinking_budget=thinking_budget,
+                             answer_reserve=answer_reserve, wrap_up_tokens=0)  # the same checks of the values
             body.update({"thinking_budget": thinking_budget} if thinking_budget is not None else {})
-            return body, []
-        if self.engine == "llamacpp":
-            if thinking_budget is not None or (max_tokens is not None and limits.thinking < limits.total):
-                # llama-server counts the template's "\n" after <think> (the prompt's last token) against the budget.
-                thinking = max(0, min(limits.thinking, limits.total))
-                body["reasoning_budget_tokens"] = thinking + 1 if thinking else 0
-                body["reasoning_budget_message"] = LLAMACPP_BUDGET_MESSAGE
-        elif thinking_budget is not None:
-            raise BadRequest(f"the {self.engine} endpoint {self.url} has no per-request thinking budget: leave "
-                             "thinking_budget unset there (llama-server and localqwen serve have one)")
-        return body, stops
+            return body, Turn(0, Limits(HUGE, HUGE), thinking=True, stops=stops)
+        # A thinking budget, or localqwen's answer reserve when only max_tokens is given, planned as the local
+        # runtime plans it.
+        budgeted = thinking_budget is not None or max_tokens is not None
+        limits = Limits.for_reply(room=HUGE, max_tokens=max_tokens, thinking_budget=thinking_budget,
+                                  answer_reserve=answer_reserve,
+                                  wrap_up_tokens=self.wrap_up_tokens if budgeted and self.can_tokenize else 0)
+        budgeted = budgeted and limits.thinking < limits.total
+        if budgeted and budget == "reasoning_budget_tokens":
+            # llama-server counts the template's "\n" after <think> (the prompt's last token) against the budget.
+            body["reasoning_budget_tokens"] = limits.thinking + 1 if limits.thinking else 0
+            body["reasoning_budget_message"] = THINKING_WRAP_UP_MESSAGE
+            return body, Turn(0, Limits(HUGE, HUGE), thinking=True, stops=stops)
+        if budgeted and not self.can_tokenize:
+            raise BadRequest(f"{self.url} has neither a per-request thinking budget nor a tokenizer to enforce one "
+                             "with: leave thinking_budget (and max_tokens) unset there")
+        # Enforced here (vLLM): the stream stops at the budget and the reply goes on as a raw completion after the
+        # thinking so far and the wrap-up, as the local runtime's second phase does.
+        return body, Turn(0, Limits(HUGE, limits.thinking if budgeted else HUGE), thinking=True, stops=stops)
 
     def _sampling_fields(self, sampling: dict[str, Any]) -> dict[str, Any]:
         """The sampling the caller set (checked as a local model checks it); unset ones are the engine's defaults."""
@@ -243,7 +258,8 @@ def discover(http: httpx.Client, base: str, model: str | None) -> Endpoint:
     if engine in ("localqwen", "llamacpp"):
         props = get_json(http, base, "/props")
     return Endpoint(engine, card["id"], n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None,
-                    meta.get("n_vocab") if isinstance(meta.get("n_vocab"), int) else None, engine_sampling(props))
+                    meta.get("n_vocab") if isinstance(meta.get("n_vocab"), int) else None, engine_sampling(props),
+                    BUDGET_FIELDS.get(engine))
 
 
 def engine_sampling(props: dict[str, Any]) -> Sampling:

@@ -27,6 +27,7 @@ class ChunkReader:
         self.finish_reason: str | None = None
         self.stop_reason: Any = None  # vLLM: the stop string that ended the reply
         self.first_token_at: float | None = None
+        self.raw: list[str] = []  # the text fed to the turn: what the model wrote, as far as the engine showed it
 
     def feed(self, chunk: dict[str, Any]) -> list[Event]:
         if isinstance(chunk.get("usage"), dict):
@@ -50,8 +51,9 @@ class ChunkReader:
                 events += self._content(delta["content"])
         return events
 
-    def finish(self, reason: str) -> list[Event]:
-        """The events still held at the end; `reason`: "cancelled" when the client stopped the stream."""
+    def finish(self, reason: str, *, use_usage: bool = True) -> list[Event]:
+        """The events still held at the end; `reason`: "cancelled" when the client stopped the stream. `use_usage`:
+        take the token counts from the engine's usage (else the counts streamed)."""
         events: list[Event] = []
         if self.mode == "unknown":  # content without `</think>` and no reasoning field: a reply without thinking
             events += self._decide("split")
@@ -67,7 +69,8 @@ class ChunkReader:
         events += self.turn.finish()
         if self.stop_reason and isinstance(self.stop_reason, str) and stats.stop_sequence is None:
             stats.stop_sequence = self.stop_reason
-        self._count(stats)
+        if use_usage:
+            self._count(stats)
         return events
 
     def _count(self, stats: Stats) -> None:
@@ -84,6 +87,7 @@ class ChunkReader:
 
     def _token(self, text: str) -> list[Event]:
         self.first_token_at = self.first_token_at or time.perf_counter()
+        self.raw.append(text)
         return self.turn.token(text.encode())
 
     def _raw(self, text: str) -> list[Event]:
