@@ -100,7 +100,11 @@ def llama_server_command(gguf: Path, *, users: int = DEFAULT_USERS, ctx_per_user
     """llama-server serving `gguf` to `users` at once: one slot each over a unified KV cache of `users x context`
     (a slot may never exceed its context; idle slots' cells serve the busy ones), the GGUF's chat template through
     Jinja, thinking in `reasoning_content`, the model card's sampling, the Qwen3 wrap-up for reasoning budgets,
-    Prometheus metrics."""
+    Prometheus metrics.
+
+    Flash attention is on unless `flash_attn=False`: without it the attention scores of a batch take
+    `cells x 512 x 32 heads x 4` bytes, which grows with the whole pool (10 GiB for 4 users x 40,960 tokens)."""
+    flash_attn = True if flash_attn is None else flash_attn
     per_user, plan, problem = per_user_plan(gguf, users, ctx_per_user, kv_type=kv_type, flash_attn=flash_attn,
                                             gpu_layers=gpu_layers)
     sampling = Sampling.from_metadata(read_metadata(gguf).sampling)
@@ -112,8 +116,7 @@ def llama_server_command(gguf: Path, *, users: int = DEFAULT_USERS, ctx_per_user
             *sampling_flags(sampling), "--metrics"]
     if kv_type != "f16":
         argv += ["-ctk", kv_type, "-ctv", kv_type]
-    if plan.flash_attn or flash_attn is not None:  # a quantized V cache needs it; else llama.cpp decides (auto)
-        argv += ["-fa", "on" if plan.flash_attn else "off"]
+    argv += ["-fa", "on" if plan.flash_attn else "off"]
     if gpu_layers != "auto":  # auto: llama-server fits the layers to the GPU it runs on (its --fit)
         argv += ["-ngl", str(gpu_layers)]
     if threads is not None:
