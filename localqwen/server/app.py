@@ -9,7 +9,7 @@ One generation at a time; up to `max_queue` requests wait, more get 503 with Ret
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -23,14 +23,17 @@ from localqwen.server import openai, utility
 from localqwen.server.http import APIError, api_error
 from localqwen.server.runs import ClientGone, Scheduler
 from localqwen.server.state import REASONING_FORMATS, ServerState
+from localqwen.web import install_web
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def create_app(model: Model | RemoteModel, *, api_key: str | None = None, reasoning_format: str = "deepseek",
-               model_id: str | None = None, max_queue: int = 8, max_body_bytes: int = 4 << 20) -> FastAPI:
+               model_id: str | None = None, max_queue: int = 8, max_body_bytes: int = 4 << 20,
+               cors_origins: Sequence[str] = ()) -> FastAPI:
     """The API for `model` (a local one, or a RemoteModel: the engine behind it runs up to its `concurrency`
-    requests at once). reasoning_format: "deepseek" (reasoning_content) or "none" (<think> in content)."""
+    requests at once), and the web chat page at `/`. reasoning_format: "deepseek" (reasoning_content) or "none"
+    (<think> in content). cors_origins: other sites' pages allowed to call the API (localqwen.web.guard)."""
     if reasoning_format not in REASONING_FORMATS:
         raise ValueError(f"reasoning_format must be 'deepseek' or 'none', not {reasoning_format!r}")
     slots = model.concurrency if isinstance(model, RemoteModel) else 1
@@ -52,6 +55,7 @@ def create_app(model: Model | RemoteModel, *, api_key: str | None = None, reason
     app.add_exception_handler(Exception, on_error)
     for dialect in (openai, utility):
         app.include_router(dialect.router)
+    install_web(app, cors_origins)
     return app
 
 
@@ -79,13 +83,13 @@ def model_name(model: Model | RemoteModel) -> str:
 
 
 def serve(model: Model | RemoteModel, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          reasoning_format: str = "deepseek") -> None:
-    """Serve the API until Ctrl+C (loopback only by default)."""
-    app = create_app(model, api_key=api_key, reasoning_format=reasoning_format)
+          reasoning_format: str = "deepseek", cors_origins: Sequence[str] = ()) -> None:
+    """Serve the API and the chat page until Ctrl+C (loopback only by default)."""
+    app = create_app(model, api_key=api_key, reasoning_format=reasoning_format, cors_origins=cors_origins)
     shown = f"[{host}]" if ":" in host else host
     upstream = f" from {model.url}" if isinstance(model, RemoteModel) else ""
-    print(f"localqwen: serving {model_name(model)}{upstream} (context {model.n_ctx}) at http://{shown}:{port}/v1",
-          flush=True)
+    print(f"localqwen: serving {model_name(model)}{upstream} (context {model.n_ctx}) at http://{shown}:{port}/v1, "
+          f"chat page at http://{shown}:{port}/", flush=True)
     if api_key is None and host not in LOOPBACK:
         print("localqwen: warning: listening beyond this machine without an API key (--api-key)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3)
