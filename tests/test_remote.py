@@ -254,6 +254,29 @@ def silent_server() -> Iterator[str]:
         listener.close()
 
 
+def test_a_connection_dropped_before_the_response_is_tried_again() -> None:
+    """The server closes the first connection without answering (as one closing an idle kept-alive connection does
+    when a request arrives on it): the request goes again on a fresh connection."""
+    models = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "someone"}]}).encode()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        for answer in (False, True):
+            conn = listener.accept()[0]
+            conn.recv(65536)
+            if answer:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(models)).encode() + b"\r\n\r\n" + models)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    remote = RemoteModel.connect(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    assert (remote.engine, remote.model_id, remote.can_tokenize) == ("openai", "m", False)
+    thread.join(timeout=5)
+    listener.close()
+
+
 def test_failures_are_one_line_errors(local: dict) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RemoteError, match=rf"^{dead}/v1/models: cannot connect .*is the engine running there\?$"):
@@ -276,7 +299,7 @@ def test_failures_are_one_line_errors(local: dict) -> None:
     assert caught.value.status == 400 and "\n" not in caught.value.message
     with pytest.raises(BadRequest, match="top_p"):
         remote.chat(HI, top_p=2.0)
-    plain = RemoteModel("http://x", remote._http, Endpoint("openai", "m", 512, None, Sampling()), timeout=1)
+    plain = RemoteModel("http://x", remote._http, Endpoint("openai", "m", 512, None, Sampling()))
     with pytest.raises(BadRequest, match="neither a per-request thinking budget nor a tokenizer"):
         plain.chat(HI, thinking_budget=4)
 

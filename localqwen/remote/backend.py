@@ -15,7 +15,7 @@ from localqwen.constants import NATIVE_CONTEXT, THINKING_WRAP_UP_MESSAGE, THINKI
 from localqwen.errors import BadRequest, RemoteError
 from localqwen.generation import Limits, Turn
 from localqwen.remote.streams import AsyncRemoteStream, RemoteStream
-from localqwen.remote.wire import CONNECT_TIMEOUT_S, get_json, json_of, transport_error
+from localqwen.remote.wire import CONNECT_TIMEOUT_S, get_json, json_of, send
 from localqwen.sampling import Sampling
 
 Engine = Literal["localqwen", "llamacpp", "vllm", "openai"]
@@ -44,9 +44,9 @@ class Endpoint:
 
 
 class RemoteModel:
-    def __init__(self, url: str, http: httpx.Client, endpoint: Endpoint, *, timeout: float,
+    def __init__(self, url: str, http: httpx.Client, endpoint: Endpoint, *,
                  concurrency: int = DEFAULT_CONCURRENCY) -> None:
-        self.url, self.endpoint, self.timeout, self.concurrency = url, endpoint, timeout, concurrency
+        self.url, self.endpoint, self.concurrency = url, endpoint, concurrency
         self.model_id, self.sampling = endpoint.model_id, endpoint.sampling
         self._http = http
         self._streams: set[RemoteStream | AsyncRemoteStream] = set()
@@ -69,7 +69,7 @@ class RemoteModel:
         except BaseException:
             http.close()
             raise
-        return cls(base, http, endpoint, timeout=timeout, concurrency=concurrency)
+        return cls(base, http, endpoint, concurrency=concurrency)
 
     # --- what the front ends read -----------------------------------------------------------------------------
 
@@ -115,13 +115,16 @@ class RemoteModel:
         return self._tokens(self._post_json("/tokenize", body))
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        """The endpoint's text of `tokens` (`special` is Model's keyword: engines show control tokens their way)."""
         data = self._post_json("/detokenize", {"model": self.model_id, "tokens": list(tokens)})
         return str(data.get("content", data.get("prompt", "")))
 
     def tokenize_chat(self, messages: list[Any], tools: list[Any] | None = None) -> list[int]:
         """The prompt tokens the endpoint makes of `messages` with its chat template."""
         if self.engine == "llamacpp":  # its /tokenize takes text only: render with its template first
-            prompt = self._post_json("/apply-template", {"messages": messages, "tools": tools or []})["prompt"]
+            prompt = self._post_json("/apply-template", {"messages": messages, "tools": tools or []}).get("prompt")
+            if not isinstance(prompt, str):
+                raise RemoteError("/apply-template gave no prompt", self.url)
             return self._tokens(self._post_json("/tokenize", {"content": prompt, "parse_special": True}))
         return self._tokens(self._post_json("/tokenize", {"model": self.model_id, "messages": messages,
                                                           "tools": tools, "add_generation_prompt": True}))
@@ -151,18 +154,19 @@ class RemoteModel:
         if thinking_budget is not None:
             raise BadRequest("a thinking budget needs a chat request: raw completions have no thinking apart")
         body = {"model": self.model_id, "prompt": list(prompt), "stream": True, **self._sampling_fields(sampling)}
-        body.update({"stream_options": {"include_usage": True}} | ({"max_tokens": max_tokens} if max_tokens else {}))
+        body["stream_options"] = {"include_usage": True}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
         if stop:
             body["stop"] = stop
         return RemoteStream(self, "/v1/completions", body, Turn(len(prompt), Limits(HUGE, HUGE), thinking=thinking))
 
-    def achat(self, messages: list[Any], **options: Any) -> AsyncRemoteStream:
-        """`chat` for asyncio: an async iterator of the same events, with `cancel()` and `aclose()`. The request is
-        sent on the first iteration (or `await stream.open()`)."""
-        tools = options.pop("tools", None)
-        body, turn = self._chat_body(messages, tools, options.pop("max_tokens", None),
-                                     options.pop("thinking_budget", None), options.pop("answer_reserve", None),
-                                     options.pop("stop", None), {k: v for k, v in options.items() if k != "wait"})
+    def achat(self, messages: list[Any], *, tools: list[Any] | None = None, max_tokens: int | None = None,
+              thinking_budget: int | None = None, answer_reserve: int | None = None,
+              stop: str | list[str] | None = None, wait: float | None = None, **sampling: Any) -> AsyncRemoteStream:
+        """`chat` for asyncio (`async for`), over httpx's async client: the same events, with `cancel()` and
+        `aclose()`. The request is sent on the first iteration."""
+        body, turn = self._chat_body(messages, tools, max_tokens, thinking_budget, answer_reserve, stop, sampling)
         return AsyncRemoteStream(self, "/v1/chat/completions", body, turn, messages, tools)
 
     def cancel(self) -> None:
@@ -229,11 +233,8 @@ class RemoteModel:
         return {k: v for k, v in sampling.items() if v is not None}
 
     def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = self._http.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self.url + path) from None
-        return json_of(response, self.url + path)
+        request = self._http.build_request("POST", path, json=body)
+        return json_of(send(self._http, request, self.url + path), self.url + path)
 
     def _track(self, stream: RemoteStream | AsyncRemoteStream, running: bool) -> None:
         with self._streams_lock:

@@ -22,7 +22,7 @@ from localqwen.errors import LocalqwenError, RemoteError
 from localqwen.events import Event
 from localqwen.generation import Turn, timings
 from localqwen.remote.chunks import ChunkReader
-from localqwen.remote.wire import error_message, status_error, transport_error
+from localqwen.remote.wire import error_message, send, status_error, transport_error
 from localqwen.sampling import SAMPLER_OPTIONS
 
 if TYPE_CHECKING:
@@ -130,10 +130,7 @@ class RemoteStream(_StreamBase):
 
     def _open(self) -> httpx.Response:
         http = self.model._http
-        try:
-            response = http.send(http.build_request("POST", self.path, json=self.body), stream=True)
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self.where) from None
+        response = send(http, http.build_request("POST", self.path, json=self.body), self.where, stream=True)
         if response.status_code >= 400:
             response.read()
             response.close()

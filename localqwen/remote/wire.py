@@ -11,12 +11,20 @@ from localqwen.errors import RemoteError
 CONNECT_TIMEOUT_S = 10.0
 
 
-def get_json(http: httpx.Client, base: str, path: str) -> dict[str, Any]:
+def send(http: httpx.Client, request: httpx.Request, where: str, *, stream: bool = False) -> httpx.Response:
+    """Send `request`; once more when the connection broke before any response came, the race of reusing a kept-alive
+    connection the server was closing (llama-server drops idle ones after 5 s). Failures are RemoteErrors."""
     try:
-        response = http.get(path)
+        try:
+            return http.send(request, stream=stream)
+        except httpx.RemoteProtocolError:
+            return http.send(request, stream=stream)  # the pool dropped that connection: this one is fresh
     except httpx.HTTPError as exc:
-        raise transport_error(exc, base + path) from None
-    return json_of(response, base + path)
+        raise transport_error(exc, where) from None
+
+
+def get_json(http: httpx.Client, base: str, path: str) -> dict[str, Any]:
+    return json_of(send(http, http.build_request("GET", path), base + path), base + path)
 
 
 def json_of(response: httpx.Response, where: str) -> dict[str, Any]:
