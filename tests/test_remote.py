@@ -493,3 +493,32 @@ def test_handoff_prints_the_engine_commands(local: dict) -> None:
     result = invoke("handoff", "vllm", "--hf", str(Path(folder) / "missing"))
     assert result.exit_code == 1 and "missing: not a folder" in result.stderr
 
+
+def test_handoff_serves_vllm_the_pinned_checkpoint(tmp_path: Path) -> None:
+    """Without --hf: the revision the lock pins, from the Hugging Face cache when it is there, else the repository
+    id and --revision for vLLM to download; an unpinned lock is said to be."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    lock = tmp_path / "pinned.lock"
+    lock.write_text(json.dumps({"format": 1, "models": {"Qwen/Qwen3-4B-Thinking-2507": {
+        "revision": revision, "files": {}, "gguf": {}}}}))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "LOCALQWEN_HOME": str(tmp_path / "home")}
+
+    def handoff(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "localqwen", "handoff", "vllm", "--json", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    downloaded = handoff("--lock", str(lock))
+    assert downloaded["argv"][2] == "Qwen/Qwen3-4B-Thinking-2507" and downloaded["argv"][-2:] == ["--revision",
+                                                                                                  revision]
+    assert "not in the Hugging Face cache" in downloaded["notes"][0]
+    snapshot = tmp_path / "hf" / "hub" / "models--Qwen--Qwen3-4B-Thinking-2507" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    cached = handoff("--lock", str(lock))
+    assert cached["argv"][:3] == ["vllm", "serve", str(snapshot)] and "--revision" not in cached["argv"]
+    unpinned = handoff()  # the store's lock, seeded from the one shipped: no revision yet
+    assert unpinned["argv"][2] == "Qwen/Qwen3-4B-Thinking-2507" and "pins no revision" in unpinned["notes"][0]
+
