@@ -135,6 +135,18 @@ def test_budget_enforced_by_the_client(local: dict, client_budget: RemoteModel, 
         Reply.collect(local["scripted"].chat(HI, thinking_budget=3, **GREEDY)).thinking, "Hello there!", "stop")
 
 
+def test_end_thinking_answers_now(local: dict) -> None:
+    # As Model's streams do ("Answer now"): the thinking is wrapped up at the next chunk and the model answers.
+    stream = local["remote"]["main"].chat(HI, **GREEDY)
+    first = next(stream)
+    assert (first.kind, first.text) == ("thinking", "Okay")
+    stream.end_thinking()
+    reply = Reply.collect([first, *stream])
+    thought, _, wrap_up = reply.thinking.partition("\n\n")
+    assert THINKING.startswith(thought) and len(thought) < len(THINKING)
+    assert (wrap_up, reply.content, reply.stats.finish_reason) == (THINKING_BUDGET_WRAP_UP.strip(), ANSWER, "stop")
+
+
 def test_stop_strings_end_the_answer_only(local: dict) -> None:
     # "the" is in the thinking too: it must not end it. localqwen's server applies the stop strings itself (the
     # engine stops at once, its usage stays exact); it does not say which one matched, nor keep the space before it.

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 
 from localqwen.constants import THINKING_WRAP_UP_TEXT
-from localqwen.errors import LocalqwenError, RemoteError
+from localqwen.errors import BadRequest, LocalqwenError, RemoteError
 from localqwen.events import Event
 from localqwen.generation import Turn, timings
 from localqwen.remote.chunks import ChunkReader
@@ -40,6 +40,7 @@ class _StreamBase:
         self.reader = ChunkReader(turn, chat=path.endswith("chat/completions"))
         self.wrapped: tuple[int, int] | None = None  # (prompt, thinking tokens) when a second phase ran
         self._cancel = threading.Event()
+        self._answer_now = threading.Event()
         self.started = time.perf_counter()
 
     @property
@@ -49,6 +50,13 @@ class _StreamBase:
     def cancel(self) -> None:
         """Stop this stream at its next chunk (from any thread); it ends with finish reason "cancelled"."""
         self._cancel.set()
+
+    def end_thinking(self) -> None:
+        """Wrap up the thinking at the next chunk and answer now, as when a thinking budget runs out (from any thread;
+        on an endpoint that tokenizes). Nothing happens once the answer has begun."""
+        if not self.model.can_tokenize:
+            raise BadRequest(f"{self.model.url} has no tokenizer to end the thinking with")
+        self._answer_now.set()
 
     def _read(self, line: str) -> tuple[list[Event], Ending | None]:
         """The events of one server-sent line, and why to stop reading (a stop string or the budget), if so."""
@@ -65,7 +73,8 @@ class _StreamBase:
         if "error" in chunk:  # an error after the response began
             raise RemoteError(f"failed mid-reply: {error_message(chunk)}", self.where)
         events, turn = self.reader.feed(chunk), self.reader.turn
-        return events, "stop" if turn.stopped else "budget" if turn.budget_spent else None
+        spent = turn.budget_spent or (self._answer_now.is_set() and turn.thinking and self.wrapped is None)
+        return events, "stop" if turn.stopped else "budget" if spent else None
 
     def _continuation(self) -> list[Event]:
         """The thinking budget is spent: the wrap-up's events; the request becomes the raw completion that goes on
