@@ -213,6 +213,17 @@ def test_thinking_budget_and_answer_reserve(engine: dict, models: dict[str, Chai
     assert THINKING_BUDGET_WRAP_UP.strip() in reply.thinking
 
 
+def test_end_thinking_answers_now(engine: dict) -> None:
+    stream = engine["remote"]["scripted"].chat(HI, **GREEDY)
+    first = next(stream)
+    assert first.kind == "thinking"
+    stream.end_thinking()  # the stream closes at the next chunk; a raw completion goes on after the wrap-up
+    reply = Reply.collect([first, *stream])
+    thought, _, wrap_up = reply.thinking.partition("\n\n")
+    assert THINKING.startswith(thought) and len(thought) < len(THINKING)
+    assert (wrap_up, reply.content, reply.stats.finish_reason) == (THINKING_BUDGET_WRAP_UP.strip(), ANSWER, "stop")
+
+
 def test_special_token_text_in_user_messages(engine: dict, models: dict[str, ChainModel],
                                              request: pytest.FixtureRequest) -> None:
     """localqwen keeps `<|im_start|>` typed by a user as text. Both engines make it a control token: the user wrote
