@@ -253,7 +253,7 @@ def import_file(page: Page, tmp_path: Path, data: dict, name: str = "conversatio
 
 def test_page_and_assets_are_served_with_security_headers(servers: dict) -> None:
     url = servers["main"]
-    page = httpx.get(f"{url}/")
+    page = httpx.get(f"{url}/", headers={"Accept": "text/html"})  # as a browser asks (apps probing get text)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assets = re.findall(r'(?:src|href)="(static/[^"]+)"', page.text)
     assert "static/js/app.js" in assets and len(assets) >= 8

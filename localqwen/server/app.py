@@ -1,9 +1,10 @@
-"""The HTTP app over one loaded Model (FastAPI + uvicorn): the server's state, error handling, and the routes of
-each dialect (a module of wire format over the model's events: openai.py, ...) and the utility routes.
+"""The HTTP app over one loaded Model (FastAPI + uvicorn): the server's state, error handling, metrics, and the
+routes of each dialect (a module of wire format over the model's events: openai.py, responses.py, anthropic.py,
+ollama.py) and the utility routes.
 
 One generation at a time; up to `max_queue` requests wait, more get 503 with Retry-After. A client that disconnects
 (streaming or not, queued or running) stops its generation at the next token. Errors have OpenAI's shape
-{"error": {"message", "type", "param", "code"}} unless a dialect has its own.
+{"error": {"message", "type", "param", "code"}} except under the paths of a dialect with its own (ERROR_SHAPES).
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ from collections.abc import AsyncIterator, Sequence
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from localqwen.model import Model
 from localqwen.remote import RemoteModel
-from localqwen.server import openai, utility
+from localqwen.server import anthropic, metrics, ollama, openai, responses, utility
 from localqwen.server.http import APIError, api_error
 from localqwen.server.runs import ClientGone, Scheduler
 from localqwen.server.state import REASONING_FORMATS, ServerState
 from localqwen.web import install_web
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Errors under these paths take that dialect's shape (whatever raised them: the route, the key check, a 404).
+ERROR_SHAPES = ((anthropic.PATH_PREFIX, anthropic.error_response), (ollama.PATH_PREFIX, ollama.error_response))
 
 
 def create_app(model: Model | RemoteModel, *, api_key: str | None = None, reasoning_format: str = "deepseek",
@@ -37,8 +40,10 @@ def create_app(model: Model | RemoteModel, *, api_key: str | None = None, reason
     if reasoning_format not in REASONING_FORMATS:
         raise ValueError(f"reasoning_format must be 'deepseek' or 'none', not {reasoning_format!r}")
     slots = model.concurrency if isinstance(model, RemoteModel) else 1
-    server = ServerState(model, model_id or model_name(model), Scheduler(model, max_queue, slots), api_key=api_key,
-                         reasoning_format=reasoning_format, max_body_bytes=max_body_bytes)
+    scheduler = Scheduler(model, max_queue, slots)
+    meter = metrics.Metrics(scheduler)
+    server = ServerState(model, model_id or model_name(model), scheduler, api_key=api_key,
+                         reasoning_format=reasoning_format, max_body_bytes=max_body_bytes, observer=meter.watch)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,35 +52,52 @@ def create_app(model: Model | RemoteModel, *, api_key: str | None = None, reason
             model.cancel()  # shutting down: the running generations end now, their worker threads with them
 
     app = FastAPI(title="localqwen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = server
+    app.state.server, app.state.metrics = server, meter
+    app.add_middleware(metrics.CountRequests, metrics=meter)
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(ClientGone, on_client_gone)
     app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_error)
-    for dialect in (openai, utility):
+    for dialect in (openai, responses, anthropic, ollama, utility, metrics):
         app.include_router(dialect.router)
-    install_web(app, cors_origins)
+    install_web(app, cors_origins, root_text=ollama.ROOT_TEXT, refusal=guard_refusal)
     return app
+
+
+def error_response(request: Request, err: APIError) -> Response:
+    return error_for_path(request.url.path, err)
+
+
+def error_for_path(path: str, err: APIError) -> Response:
+    for prefix, render in ERROR_SHAPES:
+        if path.startswith(prefix):
+            return render(err)
+    return err.response()
+
+
+def guard_refusal(path: str, status: int, message: str, code: str) -> Response:
+    """The web guard's refusals (another site's page, a body that is not JSON) in the shape of the path's dialect."""
+    return error_for_path(path, APIError(status, message, code=code))
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return exc.response()
+    return error_response(request, exc)
 
 
 async def on_client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)  # nobody is listening
 
 
-async def on_error(request: Request, exc: Exception) -> JSONResponse:
-    return api_error(exc).response()  # uvicorn still logs the traceback of an unexpected one
+async def on_error(request: Request, exc: Exception) -> Response:
+    return error_response(request, api_error(exc))  # uvicorn still logs the traceback of an unexpected one
 
 
-async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
-                    headers=exc.headers).response()
+    return error_response(request, APIError(exc.status_code, str(exc.detail), headers=exc.headers,
+                                            code="not_found" if exc.status_code == 404 else None))
 
 
 def model_name(model: Model | RemoteModel) -> str:

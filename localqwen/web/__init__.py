@@ -11,13 +11,13 @@ from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from localqwen.web.guard import OriginGuard, parse_origin
+from localqwen.web.guard import OriginGuard, Refusal, openai_refusal, parse_origin
 
 STATIC = Path(str(resources.files("localqwen.web") / "static"))
 
@@ -56,13 +56,18 @@ class WithHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def install_web(app: FastAPI, cors_origins: Iterable[str] = ()) -> None:
+def install_web(app: FastAPI, cors_origins: Iterable[str] = (), root_text: str = "",
+                refusal: Refusal = openai_refusal) -> None:
     """Serve the chat page at `/` and guard the API against other sites' pages (see localqwen.web.guard).
-    `cors_origins`: sites allowed to call the API from a browser (`--cors ORIGIN`); ValueError for a malformed one."""
+    `cors_origins`: sites allowed to call the API from a browser (`--cors ORIGIN`); ValueError for a malformed one.
+    `root_text`: what `/` answers a client that does not ask for HTML (an app probing for an API); `refusal`
+    renders the guard's errors."""
     origins = [parse_origin(origin) for origin in cors_origins]
 
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def page(request: Request) -> Response:
+        if "text/html" not in request.headers.get("accept", "") and root_text:
+            return PlainTextResponse(root_text)
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
     app.mount("/static", WithHeaders(StaticFiles(directory=STATIC), PAGE_HEADERS), name="static")
@@ -70,4 +75,5 @@ def install_web(app: FastAPI, cors_origins: Iterable[str] = ()) -> None:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"],
                            allow_private_network=True)  # Chrome asks before a public site may reach loopback
-    app.add_middleware(OriginGuard, allowed_origins=origins)  # added last: outermost, refuses before CORS answers
+    # Added last, so outermost: it refuses before CORS answers.
+    app.add_middleware(OriginGuard, allowed_origins=origins, refusal=refusal)

@@ -16,11 +16,11 @@ Allowed origins get their CORS answers (preflights included) from Starlette's CO
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 
@@ -48,8 +48,11 @@ def cannot_be_rebound(hostname: str) -> bool:
     return True
 
 
-def refusal(status: int, message: str, code: str) -> JSONResponse:
-    """An error in OpenAI's shape (the server's own errors have it too), from below the server's error handling."""
+# (path, status, message, code) -> the error response: the server renders it in the shape of the path's dialect.
+Refusal = Callable[[str, int, str, str], Response]
+
+
+def openai_refusal(path: str, status: int, message: str, code: str) -> Response:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}},
                         status_code=status)
 
@@ -61,8 +64,8 @@ def is_json(content_type: str | None) -> bool:
 class OriginGuard:
     """ASGI middleware: the two refusals of the module docstring, in OpenAI's error shape."""
 
-    def __init__(self, app: ASGIApp, allowed_origins: Iterable[str]) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, allowed_origins: Iterable[str], refusal: Refusal = openai_refusal) -> None:
+        self.app, self.refusal = app, refusal
         self.allowed_origins = frozenset(allowed_origins)
 
     def allows(self, origin: str, scope: Scope, headers: Headers) -> bool:
@@ -79,12 +82,13 @@ class OriginGuard:
         headers = Headers(scope=scope)
         origin = headers.get("origin")
         if origin is not None and not self.allows(origin, scope, headers):
-            await refusal(403, f"requests from pages at {origin} are refused; to allow that site, start the server "
-                               f"with --cors {origin}", "origin_not_allowed")(scope, receive, send)
+            await self.refusal(scope["path"], 403, f"requests from pages at {origin} are refused; to allow that site, "
+                               f"start the server with --cors {origin}", "origin_not_allowed")(scope, receive, send)
             return
         if scope["method"] == "POST" and not is_json(headers.get("content-type")):
             given = headers.get("content-type") or "none"
-            await refusal(415, f"send the request body as JSON with 'Content-Type: application/json' (the request "
-                               f"had {given})", "unsupported_media_type")(scope, receive, send)
+            await self.refusal(scope["path"], 415, f"send the request body as JSON with 'Content-Type: "
+                               f"application/json' (the request had {given})", "unsupported_media_type")(scope, receive,
+                                                                                                         send)
             return
         await self.app(scope, receive, send)
