@@ -52,8 +52,9 @@ class ModelBusy(LocalqwenError):
 
 class RemoteError(LocalqwenError):
     """A remote endpoint (localqwen.remote) could not be reached, timed out, or answered with an HTTP error; the
-    message names the endpoint. `status` is the endpoint's HTTP status, None when no answer came."""
+    message names the endpoint (and the status). `detail`: what went wrong, in the endpoint's words when it answered;
+    `status`: its HTTP status (None when no answer came); `code`: the error code it gave, if any."""
 
-    def __init__(self, message: str, endpoint: str, status: int | None = None) -> None:
-        self.endpoint, self.status = endpoint, status
-        super().__init__(message, endpoint)
+    def __init__(self, detail: str, endpoint: str, status: int | None = None, code: str | None = None) -> None:
+        self.endpoint, self.detail, self.status, self.code = endpoint, detail, status, code
+        super().__init__(detail if status is None else f"HTTP {status}: {detail}", endpoint)

@@ -157,9 +157,11 @@ class RemoteModel:
         body["stream_options"] = {"include_usage": True}
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
-        if stop:
-            body["stop"] = stop
-        return RemoteStream(self, "/v1/completions", body, Turn(len(prompt), Limits(HUGE, HUGE), thinking=thinking))
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if stops:
+            body["stop"] = stops
+        return RemoteStream(self, "/v1/completions", body, Turn(len(prompt), Limits(HUGE, HUGE), thinking=thinking,
+                                                                stops=stops))
 
     def achat(self, messages: list[Any], *, tools: list[Any] | None = None, max_tokens: int | None = None,
               thinking_budget: int | None = None, answer_reserve: int | None = None,
@@ -199,9 +201,8 @@ class RemoteModel:
             body["tools"] = tools
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
-        if self.engine == "localqwen":  # stop strings with the same semantics server-side: sent as they are
-            body.update({"stop": stops} if stops else {})
-            stops = []
+        if self.engine == "localqwen" and stops:  # the same semantics server-side: it stops at once, usage exact
+            body["stop"] = stops
         budget = self.endpoint.budget_field
         if budget == "thinking_budget":  # localqwen plans the budget and the answer reserve itself
             Limits.for_reply(room=HUGE, max_tokens=max_tokens, thinking_budget=thinking_budget,

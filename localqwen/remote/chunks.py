@@ -18,14 +18,15 @@ class ChunkReader:
     and fed to the Turn, so the parsing, the stop strings and the finish reasons are those of the local runtime.
     """
 
-    def __init__(self, turn: Turn, chat: bool) -> None:
-        self.turn, self.chat = turn, chat
+    def __init__(self, turn: Turn, chat: bool, engine_stops: list[str] | None = None) -> None:
+        """`engine_stops`: stop strings the engine applies itself (it then says which one ended the reply)."""
+        self.turn, self.chat, self.engine_stops = turn, chat, engine_stops or []
         self.mode: Literal["unknown", "split", "raw"] = "unknown" if chat and turn.thinking else "raw"
         self.held: list[str] = []  # content deltas while the mode is unknown
         self.calls: dict[int, dict[str, Any]] = {}  # index -> {"name", "arguments" fragments}
         self.usage: dict[str, Any] = {}
         self.finish_reason: str | None = None
-        self.stop_reason: Any = None  # vLLM: the stop string that ended the reply
+        self.stop_reason: Any = None  # the stop string (or token id) that ended the reply: vLLM's, localqwen's field
         self.first_token_at: float | None = None
         self.raw: list[str] = []  # the text fed to the turn: what the model wrote, as far as the engine showed it
 
@@ -57,6 +58,8 @@ class ChunkReader:
         events: list[Event] = []
         if self.mode == "unknown":  # content without `</think>` and no reasoning field: a reply without thinking
             events += self._decide("split")
+        if self.stop_reason in self.engine_stops:  # the engine cut the stop string out: the turn cuts it as locally
+            events += self.turn.forced(self.stop_reason, 0)
         if self.calls:
             events += self._answer()
             for call in (self.calls[i] for i in sorted(self.calls)):
@@ -67,8 +70,6 @@ class ChunkReader:
         if reason == "cancelled" or self.finish_reason == "length":
             self.turn.stop("cancelled" if reason == "cancelled" else "length")
         events += self.turn.finish()
-        if self.stop_reason and isinstance(self.stop_reason, str) and stats.stop_sequence is None:
-            stats.stop_sequence = self.stop_reason
         if use_usage:
             self._count(stats)
         return events

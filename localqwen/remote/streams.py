@@ -37,7 +37,7 @@ class _StreamBase:
     def __init__(self, model: RemoteModel, path: str, body: dict[str, Any], turn: Turn,
                  messages: list[Any] | None = None, tools: list[Any] | None = None) -> None:
         self.model, self.path, self.body, self.messages, self.tools = model, path, body, messages, tools
-        self.reader = ChunkReader(turn, chat=path.endswith("chat/completions"))
+        self.reader = ChunkReader(turn, chat=path.endswith("chat/completions"), engine_stops=body.get("stop"))
         self.wrapped: tuple[int, int] | None = None  # (prompt, thinking tokens) when a second phase ran
         self._cancel = threading.Event()
         self._answer_now = threading.Event()
@@ -90,7 +90,8 @@ class _StreamBase:
                 **{k: v for k, v in self.body.items() if k in (*SAMPLER_OPTIONS, "stop")}}  # all answer now
         if "max_tokens" in self.body:
             body["max_tokens"] = max(1, self.body["max_tokens"] - turn.stats.completion_tokens)
-        first_token_at, self.reader = self.reader.first_token_at, ChunkReader(turn, chat=False)
+        first_token_at, self.reader = self.reader.first_token_at, ChunkReader(turn, chat=False,
+                                                                                engine_stops=body.get("stop"))
         self.reader.first_token_at = first_token_at
         self.path, self.body = "/v1/completions", body
         return events

@@ -53,10 +53,13 @@ def error_message(body: Any) -> str:
 
 def status_error(response: httpx.Response, where: str) -> RemoteError:
     try:
-        message = error_message(response.json())
+        body = response.json()
     except ValueError:
-        message = " ".join(response.text.split())[:300] or response.reason_phrase
-    return RemoteError(f"HTTP {response.status_code}: {message}", where, response.status_code)
+        message, code = " ".join(response.text.split())[:300] or response.reason_phrase, None
+    else:
+        error = body.get("error") if isinstance(body, dict) else None
+        message, code = error_message(body), error.get("code") if isinstance(error, dict) else None
+    return RemoteError(message, where, response.status_code, code if isinstance(code, str) else None)
 
 
 def transport_error(exc: httpx.HTTPError, where: str) -> RemoteError:

@@ -50,12 +50,13 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(503, exc.message, type="server_busy", code="model_busy",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, RemoteError):  # the engine behind `serve --upstream`: its fault, unless it blamed the request
+        # Clients see the engine's own words, never its address.
         if exc.status == 400:
-            return APIError(400, exc.message)
+            return APIError(400, exc.detail, code=exc.code)
         if exc.status in (429, 503):
-            return APIError(503, exc.message, type="server_busy", code="upstream_busy",
-                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        return APIError(502, exc.message, type="upstream_error", code="bad_gateway")
+            return APIError(503, f"the upstream engine is busy: {exc.detail}", type="server_busy",
+                            code="upstream_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return APIError(502, f"the upstream engine failed: {exc.detail}", type="upstream_error", code="bad_gateway")
     if isinstance(exc, LocalqwenError):
         return APIError(500, exc.message, type="server_error")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
