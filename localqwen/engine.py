@@ -164,7 +164,12 @@ class Engine:
                 if not any(s.runnable or s.cancelled for s in active):
                     self._wake.wait(timeout=self._next_deadline())
                     continue
-            self._step(active)
+            try:
+                self._step(active)
+            except Exception as exc:  # a bug here must not leave readers waiting forever on a dead thread
+                for sequence in active:
+                    sequence.channel.put(LocalqwenError(f"generation failed: {type(exc).__name__}: {exc}"))
+                    sequence.cancelled = True
 
     def _next_deadline(self) -> float | None:
         deadlines = [d for _, d in self._waiting if d is not None]
@@ -198,6 +203,7 @@ class Engine:
         sequence.pending = prompt[keep:]
         sequence.started = time.perf_counter()
         sequence.sampler = Sampler(self.vocab.n_vocab, sequence.request.sampling, sequence.request.seed)
+        sequence.channel.put([])  # no events yet: it tells a reader waiting for the start that a slot was found
         if turn.budget_spent:  # a thinking budget of 0: the wrap-up follows the prompt at once
             self._wrap_up(sequence, [])
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from localqwen.backend import Vocab, load_model, new_context
+from localqwen.backend import Vocab, last_error, load_model, new_context
 from localqwen.constants import ENDOFTEXT_ID, IM_END_ID, THINKING_WRAP_UP_TEXT
 from localqwen.engine import Engine, Request
 from localqwen.errors import BadRequest, ContextOverflow, ModelFileError
@@ -58,9 +58,10 @@ class Model:
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int | str = "auto", kv_type: str = "f16", flash_attn: bool | None = None,
              gpu_layers: int | str = "auto", threads: int | None = None, max_ctx: int | None = None,
-             parallel: int = 1) -> Model:
+             parallel: int | str = 1) -> Model:
         """Load a GGUF for `parallel` generations at once, each with a context of `n_ctx` tokens (they share one
-        KV cache of parallel x n_ctx). n_ctx="auto" takes the largest that fits free memory, up to `max_ctx`."""
+        KV cache of parallel x n_ctx). n_ctx="auto" takes the largest that fits free memory, up to `max_ctx`;
+        parallel="auto" as many generations as fit with 8K tokens each (at most 4 on the CPU, 8 on a GPU)."""
         path = Path(path)
         if not path.is_file():
             raise ModelFileError("model file not found", path)
@@ -77,7 +78,8 @@ class Model:
                                   n_seq_max=plan.n_seq, flash_attn=plan.flash_attn,
                                   kv_type=GGML_KV_TYPE_IDS[plan.kv_type], n_threads=threads or default_threads())
         except (ValueError, RuntimeError) as exc:
-            raise ModelFileError(f"llama.cpp could not load the model ({exc})", path) from None
+            detail = last_error() or str(exc)
+            raise ModelFileError(f"llama.cpp could not load the model ({detail})", path) from None
         return cls(llama_model, context, meta, plan, time.perf_counter() - started)
 
     # --- what the model is ---------------------------------------------------------------------------------------

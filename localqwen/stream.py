@@ -9,6 +9,7 @@ reader that stops reading holds its sequence (not the others) until it reads on,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -39,7 +40,8 @@ class Channel:
             self._ready.notify()
             loop, waker = self._loop, self._waker
         if loop is not None and waker is not None:
-            loop.call_soon_threadsafe(waker.set)
+            with contextlib.suppress(RuntimeError):  # the reader's event loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(waker.set)
 
     def get(self) -> Any:
         with self._lock:
@@ -124,6 +126,12 @@ class Stream:
 
     # --- iteration -------------------------------------------------------------------------------------------
 
+    async def wait_started(self) -> None:
+        """Wait until the engine has placed the generation in a slot (or ended it); raise what kept it from
+        starting (ModelBusy when its wait for a slot ran out)."""
+        if self._handle is None or not (self._pending or self.finished):
+            self._receive(await self._open().aget())
+
     def __iter__(self) -> Stream:
         return self
 
@@ -143,8 +151,9 @@ class Stream:
                 raise StopAsyncIteration
             try:
                 item = await self._open().aget()
-            except asyncio.CancelledError:
-                self.close()
+            except asyncio.CancelledError:  # the task waiting for this stream was cancelled: so is the generation
+                self.cancel()
+                self.finished = True
                 raise
             self._receive(item)
         return self._pending.popleft()

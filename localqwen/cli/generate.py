@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from localqwen.cli.edge import Command
-from localqwen.cli.options import UPSTREAM, generation_options, with_model
+from localqwen.cli.options import PARALLEL_OPTION, UPSTREAM, generation_options, with_model
 
 
 def read_prompt(prompt: str | None) -> str:
@@ -80,6 +80,7 @@ def check_origins(ctx: click.Context, param: click.Parameter, values: tuple[str,
 
 @click.command("serve", cls=Command)
 @with_model(remote=UPSTREAM)
+@PARALLEL_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", envvar="LOCALQWEN_API_KEY", help="Require this bearer key (env LOCALQWEN_API_KEY).")

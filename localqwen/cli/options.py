@@ -38,6 +38,21 @@ def context_size(value: str) -> int | str:
         raise click.BadParameter(f"{value!r} is not a number of tokens (e.g. 8192, 32k) or 'auto'") from None
 
 
+def parse_parallel(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number of generations or 'auto'") from None
+
+
+PARALLEL_OPTION = click.option(
+    "--parallel", default="auto", show_default=True, metavar="N|auto", callback=parse_parallel,
+    help="Generations that run together (continuous batching), each with --ctx tokens of one shared KV cache; auto: "
+         "as many as fit with 8K tokens each, at most 4 on the CPU.")
+
+
 def parse_gpu_layers(value: str) -> int | str:
     if value == "auto":
         return value
@@ -99,7 +114,7 @@ CLIENT = RemoteFlags("--url", "--api-key", "LOCALQWEN_API_KEY",
 UPSTREAM = RemoteFlags("--upstream", "--upstream-key", "LOCALQWEN_UPSTREAM_KEY",
                        "Serve, in front of it, the model of the engine at URL (an OpenAI-compatible endpoint: "
                        "vLLM, llama-server, localqwen serve) instead of a local one; -m then picks among its models.")
-LOCAL_ONLY = ("n_ctx", "kv_type", "flash_attn", "gpu_layers", "threads")
+LOCAL_ONLY = ("n_ctx", "kv_type", "flash_attn", "gpu_layers", "threads", "parallel")
 
 
 def with_model(command: Callable[..., Any] | None = None, *, remote: RemoteFlags = CLIENT) -> Any:
@@ -108,12 +123,14 @@ def with_model(command: Callable[..., Any] | None = None, *, remote: RemoteFlags
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def wrapper(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, gpu_layers: str,
-                    threads: int | None, url: str | None, remote_key: str | None, **kwargs: Any) -> Any:
+                    threads: int | None, url: str | None, remote_key: str | None, parallel: int | str = 1,
+                    **kwargs: Any) -> Any:
             if url is None:
-                return command(load_model(model_spec, n_ctx, kv_type, flash_attn, gpu_layers, threads), **kwargs)
+                return command(load_model(model_spec, n_ctx, kv_type, flash_attn, gpu_layers, threads, parallel),
+                               **kwargs)
             context = click.get_current_context()
-            given = [name for name in LOCAL_ONLY
-                     if context.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+            given = [name for name in LOCAL_ONLY  # the command's own flags that were given
+                     if context.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
             if given:
                 flag = next(p.opts[0] for p in context.command.params if p.name == given[0])
                 raise click.UsageError(f"{flag} applies to a local model; the engine at {url} decides it")
@@ -144,10 +161,10 @@ def model_path(model_spec: str | None) -> Path:
 
 
 def load_model(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, layers: str,
-               threads: int | None) -> Any:
+               threads: int | None, parallel: int | str = 1) -> Any:
     from localqwen.model import Model
 
     ctx = context_size(n_ctx)
     return Model.load(model_path(model_spec), n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn,
-                      gpu_layers=parse_gpu_layers(layers), threads=threads,
+                      gpu_layers=parse_gpu_layers(layers), threads=threads, parallel=parallel,
                       max_ctx=DEFAULT_CONTEXT if ctx == "auto" else None)

@@ -26,12 +26,12 @@ Every failure to reach or use the endpoint is a one-line `RemoteError` naming it
 
     backend.py   RemoteModel: the endpoint, its requests, tokens
     chunks.py    ChunkReader: an engine's streamed chunks -> localqwen events (pure)
-    streams.py   RemoteStream / AsyncRemoteStream: one reply's HTTP stream, cancel and close
+    streams.py   RemoteStream: one reply's HTTP stream, read with `for` or `async for`; cancel, close, answer now
     wire.py      JSON requests and the one-line errors
 """
 
 from localqwen.remote.backend import Endpoint, RemoteModel
 from localqwen.remote.chunks import ChunkReader
-from localqwen.remote.streams import AsyncRemoteStream, RemoteStream
+from localqwen.remote.streams import RemoteStream
 
-__all__ = ["AsyncRemoteStream", "ChunkReader", "Endpoint", "RemoteModel", "RemoteStream"]
+__all__ = ["ChunkReader", "Endpoint", "RemoteModel", "RemoteStream"]

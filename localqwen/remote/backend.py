@@ -14,7 +14,7 @@ import httpx
 from localqwen.constants import NATIVE_CONTEXT, THINKING_WRAP_UP_MESSAGE, THINKING_WRAP_UP_TEXT
 from localqwen.errors import BadRequest, RemoteError
 from localqwen.generation import Limits, Turn
-from localqwen.remote.streams import AsyncRemoteStream, RemoteStream
+from localqwen.remote.streams import RemoteStream
 from localqwen.remote.wire import CONNECT_TIMEOUT_S, get_json, json_of, send
 from localqwen.sampling import Sampling
 
@@ -25,8 +25,9 @@ ENGINES: dict[str, Engine] = {"localqwen": "localqwen", "llamacpp": "llamacpp", 
 BUDGET_FIELDS: dict[Engine, str] = {"localqwen": "thinking_budget", "llamacpp": "reasoning_budget_tokens"}
 # Between two bytes of a reply: a CPU engine may think about a long prompt for minutes before its first token.
 READ_TIMEOUT_S = 600.0
-# Requests `serve --upstream` forwards at once: the engine batches them (more wait in localqwen's queue).
-DEFAULT_CONCURRENCY = 8
+# Generations an engine is taken to run at once when it does not say (llama-server's /props does): `serve
+# --upstream` counts requests beyond them as waiting, for its queue's bound.
+DEFAULT_PARALLEL = 8
 HUGE = 1 << 62  # no limit of localqwen's own: the engine enforces max_tokens and its context
 
 
@@ -41,35 +42,34 @@ class Endpoint:
     n_vocab: int | None
     sampling: Sampling  # the engine's defaults where it reports them, else the model card's
     budget_field: str | None = None
+    parallel: int | None = None  # slots, where the engine says (llama-server's /props total_slots)
 
 
 class RemoteModel:
-    def __init__(self, url: str, http: httpx.Client, endpoint: Endpoint, *,
-                 concurrency: int = DEFAULT_CONCURRENCY) -> None:
-        self.url, self.endpoint, self.concurrency = url, endpoint, concurrency
+    def __init__(self, url: str, http: httpx.Client, endpoint: Endpoint) -> None:
+        self.url, self.endpoint = url, endpoint
         self.model_id, self.sampling = endpoint.model_id, endpoint.sampling
         self._http = http
-        self._streams: set[RemoteStream | AsyncRemoteStream] = set()
+        self._streams: set[RemoteStream] = set()
         self._streams_lock = threading.Lock()
 
     @classmethod
     def connect(cls, url: str, *, api_key: str | None = None, model: str | None = None,
-                timeout: float = READ_TIMEOUT_S, concurrency: int = DEFAULT_CONCURRENCY) -> RemoteModel:
+                timeout: float = READ_TIMEOUT_S) -> RemoteModel:
         """Connect to an OpenAI-compatible endpoint (with or without its /v1) and find the model it serves: `model`,
         or the only (else the first) one listed."""
         base = url.rstrip("/").removesuffix("/v1").rstrip("/")
         if not base.startswith(("http://", "https://")):
             raise RemoteError("not an http:// or https:// URL", url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        http = httpx.Client(base_url=base, headers=headers,
-                            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S),
-                            limits=httpx.Limits(max_connections=concurrency + 4))
+        http = httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S),
+                            limits=httpx.Limits(max_connections=None))  # the engine bounds its requests itself
         try:
             endpoint = discover(http, base, model)
         except BaseException:
             http.close()
             raise
-        return cls(base, http, endpoint, concurrency=concurrency)
+        return cls(base, http, endpoint)
 
     # --- what the front ends read -----------------------------------------------------------------------------
 
@@ -81,6 +81,17 @@ class RemoteModel:
     def n_ctx(self) -> int:
         """The context one request may fill; the model's native context when the endpoint does not say."""
         return self.endpoint.n_ctx or NATIVE_CONTEXT
+
+    @property
+    def parallel(self) -> int:
+        """Generations the engine runs at once: its slots where it says (llama-server), else DEFAULT_PARALLEL."""
+        return self.endpoint.parallel or DEFAULT_PARALLEL
+
+    @property
+    def running(self) -> int:
+        """This backend's generations running now (their HTTP streams open)."""
+        with self._streams_lock:
+            return len(self._streams)
 
     @property
     def context_known(self) -> bool:
@@ -140,9 +151,9 @@ class RemoteModel:
     def chat(self, messages: list[Any], *, tools: list[Any] | None = None, max_tokens: int | None = None,
              thinking_budget: int | None = None, answer_reserve: int | None = None, stop: str | list[str] | None = None,
              wait: float | None = None, **sampling: Any) -> RemoteStream:
-        """Stream the reply to `messages` as events, as Model.chat does. The request is sent now: an error the
-        endpoint answers with (a prompt too long, a wrong key) raises here. `wait` is accepted for Model's signature:
-        the engine queues requests itself."""
+        """Stream the reply to `messages` as events (`for` or `async for`), as Model.chat does. The request goes out
+        with the first event asked for, and an error the endpoint answers with (a prompt too long, a wrong key)
+        raises there. `wait` is accepted for Model's signature: the engine queues requests itself."""
         body, turn = self._chat_body(messages, tools, max_tokens, thinking_budget, answer_reserve, stop, sampling)
         return RemoteStream(self, "/v1/chat/completions", body, turn, messages, tools)
 
@@ -163,13 +174,7 @@ class RemoteModel:
         return RemoteStream(self, "/v1/completions", body, Turn(len(prompt), Limits(HUGE, HUGE), thinking=thinking,
                                                                 stops=stops))
 
-    def achat(self, messages: list[Any], *, tools: list[Any] | None = None, max_tokens: int | None = None,
-              thinking_budget: int | None = None, answer_reserve: int | None = None,
-              stop: str | list[str] | None = None, wait: float | None = None, **sampling: Any) -> AsyncRemoteStream:
-        """`chat` for asyncio (`async for`), over httpx's async client: the same events, with `cancel()` and
-        `aclose()`. The request is sent on the first iteration."""
-        body, turn = self._chat_body(messages, tools, max_tokens, thinking_budget, answer_reserve, stop, sampling)
-        return AsyncRemoteStream(self, "/v1/chat/completions", body, turn, messages, tools)
+    achat = chat  # the same stream serves `async for`, as a local model's does
 
     def cancel(self) -> None:
         """Stop every running stream of this backend (from any thread): each ends with finish reason "cancelled"."""
@@ -237,7 +242,7 @@ class RemoteModel:
         request = self._http.build_request("POST", path, json=body)
         return json_of(send(self._http, request, self.url + path), self.url + path)
 
-    def _track(self, stream: RemoteStream | AsyncRemoteStream, running: bool) -> None:
+    def _track(self, stream: RemoteStream, running: bool) -> None:
         with self._streams_lock:
             (self._streams.add if running else self._streams.discard)(stream)
 
@@ -259,9 +264,10 @@ def discover(http: httpx.Client, base: str, model: str | None) -> Endpoint:
     props: dict[str, Any] = {}
     if engine in ("localqwen", "llamacpp"):
         props = get_json(http, base, "/props")
+    slots = props.get("total_slots")
     return Endpoint(engine, card["id"], n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None,
                     meta.get("n_vocab") if isinstance(meta.get("n_vocab"), int) else None, engine_sampling(props),
-                    BUDGET_FIELDS.get(engine))
+                    BUDGET_FIELDS.get(engine), slots if isinstance(slots, int) and slots > 0 else None)
 
 
 def engine_sampling(props: dict[str, Any]) -> Sampling:

@@ -32,13 +32,14 @@ Ending = Literal["stop", "cancelled", "budget"]  # how reading one HTTP stream e
 
 
 class _StreamBase:
-    """What the sync and async streams share: the request, the reader, the second phase and the `done` event."""
+    """What reading either way shares: the request, the reader, the second phase and the `done` event."""
 
     def __init__(self, model: RemoteModel, path: str, body: dict[str, Any], turn: Turn,
                  messages: list[Any] | None = None, tools: list[Any] | None = None) -> None:
         self.model, self.path, self.body, self.messages, self.tools = model, path, body, messages, tools
         self.reader = ChunkReader(turn, chat=path.endswith("chat/completions"), engine_stops=body.get("stop"))
         self.wrapped: tuple[int, int] | None = None  # (prompt, thinking tokens) when a second phase ran
+        self.prompt_tokens: int | None = None  # counted by the endpoint's tokenizer, when its usage is missing
         self._cancel = threading.Event()
         self._answer_now = threading.Event()
         self.started = time.perf_counter()
@@ -102,41 +103,65 @@ class _StreamBase:
         if self.wrapped is not None:  # the counts of both phases: the second's usage holds the first's tokens
             stats.prompt_tokens, stats.thinking_tokens = self.wrapped
             stats.content_tokens = int(self.reader.usage.get("completion_tokens") or stats.content_tokens)
-        elif stats.stop_sequence is not None and not stats.prompt_tokens:
-            self._count_prompt()
+        elif self.prompt_tokens is not None:
+            stats.prompt_tokens = self.prompt_tokens
         stats.timings = timings(0.0, self.started, self.reader.first_token_at, time.perf_counter(),
                                 stats.prompt_tokens - stats.cached_prompt_tokens, stats.completion_tokens)
         return [*events, Event("done", stats=stats)]
 
+    def _prompt_uncounted(self) -> bool:
+        """A stream closed by the client at a stop string has no usage from the engine."""
+        return (self.reader.turn.stopped and not self.reader.usage and self.wrapped is None
+                and self.messages is not None and self.model.can_tokenize)
+
     def _count_prompt(self) -> None:
-        """A stream closed at a stop string has no usage from the engine: count the prompt with its tokenizer."""
-        if self.messages is None or not self.model.can_tokenize:
-            return
-        with contextlib.suppress(LocalqwenError):  # else the counts stay what the stream showed
-            self.reader.turn.stats.prompt_tokens = len(self.model.tokenize_chat(self.messages, self.tools))
+        """Count the prompt with the endpoint's tokenizer (blocking; the counts stay as streamed if it fails)."""
+        assert self.messages is not None
+        with contextlib.suppress(LocalqwenError):
+            self.prompt_tokens = len(self.model.tokenize_chat(self.messages, self.tools))
 
 
 class RemoteStream(_StreamBase):
-    """The events of one remote generation: an iterator with `cancel()` and `close()` (which closes the HTTP
-    stream: the engine stops generating). The request is sent when the stream is made, so that an error the endpoint
-    answers with raises there."""
+    """The events of one remote generation, iterated with `for` (httpx's client) or `async for` (its async client),
+    as a local model's stream is; `cancel()` and `end_thinking()` from anywhere; `close()` / `aclose()` close the HTTP
+    stream, and the engine stops generating. The request goes out when the first event is asked for (or, for
+    `async for`, at `await stream.wait_started()`), and the endpoint's refusal (a prompt too long, a wrong key) raises
+    there."""
 
     def __init__(self, model: RemoteModel, path: str, body: dict[str, Any], turn: Turn,
                  messages: list[Any] | None = None, tools: list[Any] | None = None) -> None:
         super().__init__(model, path, body, turn, messages, tools)
-        self.response = self._open()
-        model._track(self, True)
-        self._events = self._run()
+        self.finished = False
+        self._response: httpx.Response | None = None  # the HTTP stream being read (either client's)
+        self._client: httpx.AsyncClient | None = None  # `async for`: one client per stream, on its event loop
+        self._events: Iterator[Event] | None = None
+        self._aevents: AsyncIterator[Event] | None = None
+
+    def close(self) -> None:
+        self._cancel.set()
+        if self._events is not None:
+            self._events.close()
+        if self._response is not None and self._client is None:
+            self._response.close()
+        self.finished = True
+
+    async def aclose(self) -> None:
+        self._cancel.set()
+        if self._aevents is not None:
+            await self._aevents.aclose()  # type: ignore[attr-defined]
+        await self._aclose_http()
+        self.finished = True
+
+    # --- for ---------------------------------------------------------------------------------------------------
 
     def __iter__(self) -> RemoteStream:
         return self
 
     def __next__(self) -> Event:
+        if self._events is None:
+            self._check_one_way(self._aevents)
+            self._events = self._run()
         return next(self._events)
-
-    def close(self) -> None:
-        self._events.close()
-        self.response.close()
 
     def _open(self) -> httpx.Response:
         http = self.model._http
@@ -145,23 +170,29 @@ class RemoteStream(_StreamBase):
             response.read()
             response.close()
             raise status_error(response, self.where)
+        self.model._track(self, True)
         return response
 
     def _run(self) -> Iterator[Event]:
         try:
-            ending = yield from self._stream()
+            self._response = self._open()
+            ending = yield from self._stream(self._response)
             if ending == "budget":
                 yield from self._continuation()
-                self.response = self._open()
-                ending = yield from self._stream()
+                self._response = self._open()
+                ending = yield from self._stream(self._response)
+            if self._prompt_uncounted():
+                self._count_prompt()
             yield from self._done(ending)
         finally:
-            self.response.close()
+            if self._response is not None:
+                self._response.close()
             self.model._track(self, False)
+            self.finished = True
 
-    def _stream(self) -> Generator[Event, None, Ending]:
+    def _stream(self, response: httpx.Response) -> Generator[Event, None, Ending]:
         try:
-            for line in self.response.iter_lines():
+            for line in response.iter_lines():
                 events, ending = self._read(line)
                 yield from events
                 if ending is not None:
@@ -169,70 +200,91 @@ class RemoteStream(_StreamBase):
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.where) from None
         finally:
-            self.response.close()
+            response.close()
         return "cancelled" if self._cancel.is_set() else "stop"
 
+    # --- async for -----------------------------------------------------------------------------------------------
 
-class AsyncRemoteStream(_StreamBase):
-    """The asyncio twin of RemoteStream, over httpx's async client: `async for event in stream`; the request is sent
-    on the first iteration."""
-
-    def __init__(self, model: RemoteModel, path: str, body: dict[str, Any], turn: Turn,
-                 messages: list[Any] | None = None, tools: list[Any] | None = None) -> None:
-        super().__init__(model, path, body, turn, messages, tools)
-        self._events: AsyncIterator[Event] | None = None
-
-    def __aiter__(self) -> AsyncRemoteStream:
+    def __aiter__(self) -> RemoteStream:
         return self
 
     async def __anext__(self) -> Event:
-        if self._events is None:
-            self._events = self._run()
-        return await self._events.__anext__()
+        if self._aevents is None:
+            self._check_one_way(self._events)
+            self._aevents = self._arun()
+        return await self._aevents.__anext__()
 
-    async def aclose(self) -> None:
-        if self._events is not None:
-            await self._events.aclose()  # type: ignore[attr-defined]
+    async def wait_started(self) -> None:
+        """Send the request and wait for the engine's answer to begin; raise what the endpoint refused it with."""
+        if self._response is None and not self.finished:
+            self._response = await self._aopen()
 
-    async def _run(self) -> AsyncIterator[Event]:
-        http = self.model._http
-        self.model._track(self, True)
+    async def _aopen(self) -> httpx.Response:
+        if self._client is None:
+            http = self.model._http
+            self._client = httpx.AsyncClient(base_url=http.base_url, headers=http.headers, timeout=http.timeout)
         try:
-            async with httpx.AsyncClient(base_url=http.base_url, headers=http.headers, timeout=http.timeout) as client:
-                ending = "stop"
-                async for event in self._stream(client):
-                    if isinstance(event, Event):
-                        yield event
+            response = await self._client.send(self._client.build_request("POST", self.path, json=self.body),
+                                               stream=True)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.where) from None
+        if response.status_code >= 400:
+            await response.aread()
+            await response.aclose()
+            raise status_error(response, self.where)
+        self.model._track(self, True)
+        return response
+
+    async def _arun(self) -> AsyncIterator[Event]:
+        try:
+            await self.wait_started()
+            ending: Ending = "stop"
+            async for item in self._astream():
+                if isinstance(item, Event):
+                    yield item
+                else:
+                    ending = item
+            if ending == "budget":
+                for event in await asyncio.to_thread(self._continuation):  # the endpoint's tokenizer: blocking calls
+                    yield event
+                self._response = await self._aopen()
+                async for item in self._astream():
+                    if isinstance(item, Event):
+                        yield item
                     else:
-                        ending = event
-                if ending == "budget":
-                    for event in await asyncio.to_thread(self._continuation):  # the endpoint's tokenizer, blocking
-                        yield event
-                    async for event in self._stream(client):
-                        if isinstance(event, Event):
-                            yield event
-                        else:
-                            ending = event
+                        ending = item
+            if self._prompt_uncounted():
+                await asyncio.to_thread(self._count_prompt)
             for event in self._done(ending):
                 yield event
         finally:
+            await self._aclose_http()
             self.model._track(self, False)
+            self.finished = True
 
-    async def _stream(self, client: httpx.AsyncClient) -> AsyncIterator[Event | Ending]:
-        """The events of one HTTP stream, then how it ended."""
+    async def _astream(self) -> AsyncIterator[Event | Ending]:
+        """The events of the HTTP stream being read, then how it ended."""
+        assert self._response is not None
         try:
-            async with client.stream("POST", self.path, json=self.body) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise status_error(response, self.where)
-                async for line in response.aiter_lines():
-                    events, ending = self._read(line)
-                    for event in events:
-                        yield event
-                    if ending is not None:
-                        yield ending
-                        return
-                    await asyncio.sleep(0)  # let a cancel() from this loop's other tasks run
+            async for line in self._response.aiter_lines():
+                events, ending = self._read(line)
+                for event in events:
+                    yield event
+                if ending is not None:
+                    yield ending
+                    return
+            yield "cancelled" if self._cancel.is_set() else "stop"
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.where) from None
-        yield "cancelled" if self._cancel.is_set() else "stop"
+        finally:
+            await self._response.aclose()
+
+    async def _aclose_http(self) -> None:
+        if self._response is not None and self._client is not None:
+            await self._response.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+
+    def _check_one_way(self, other: object) -> None:
+        if other is not None:
+            raise RuntimeError("a stream is read with `for` or with `async for`, not both")

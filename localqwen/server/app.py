@@ -34,22 +34,20 @@ ERROR_SHAPES = ((anthropic.PATH_PREFIX, anthropic.error_response), (ollama.PATH_
 def create_app(model: Model | RemoteModel, *, api_key: str | None = None, reasoning_format: str = "deepseek",
                model_id: str | None = None, max_queue: int = 8, max_body_bytes: int = 4 << 20,
                cors_origins: Sequence[str] = ()) -> FastAPI:
-    """The API for `model` (a local one, or a RemoteModel: the engine behind it runs up to its `concurrency`
-    requests at once), and the web chat page at `/`. reasoning_format: "deepseek" (reasoning_content) or "none"
+    """The API for `model` (a local one, or a RemoteModel: the engine behind it runs the generations), and the web
+    chat page at `/`. reasoning_format: "deepseek" (reasoning_content) or "none"
     (<think> in content). cors_origins: other sites' pages allowed to call the API (localqwen.web.guard)."""
     if reasoning_format not in REASONING_FORMATS:
         raise ValueError(f"reasoning_format must be 'deepseek' or 'none', not {reasoning_format!r}")
-    slots = model.concurrency if isinstance(model, RemoteModel) else 1
-    scheduler = Scheduler(model, max_queue, slots)
+    scheduler = Scheduler(model, max_queue)
     meter = metrics.Metrics(scheduler)
     server = ServerState(model, model_id or model_name(model), scheduler, api_key=api_key,
-                         reasoning_format=reasoning_format, max_body_bytes=max_body_bytes, observer=meter.watch)
+                         reasoning_format=reasoning_format, max_body_bytes=max_body_bytes, observer=meter.observe)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        if server.scheduler.slot.locked() or isinstance(model, RemoteModel):
-            model.cancel()  # shutting down: the running generations end now, their worker threads with them
+        model.cancel()  # shutting down: running and waiting generations end now
 
     app = FastAPI(title="localqwen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server, app.state.metrics = server, meter
