@@ -306,10 +306,13 @@ def test_failures_are_one_line_errors(local: dict) -> None:
 
     remote = local["remote"]["main"]
     long = [{"role": "user", "content": "word " * 600}]
-    with pytest.raises(RemoteError, match=r"chat/completions: HTTP 400: the prompt is \d+ tokens, \d+ more than the "
-                                          r"context of 512 allows$") as caught:
-        remote.chat(long)  # refused before any event: the request goes out when chat() is called
+    refused = r"chat/completions: HTTP 400: the prompt is \d+ tokens, \d+ more than the context of 512 allows$"
+    with pytest.raises(RemoteError, match=refused) as caught:
+        next(remote.chat(long))  # refused before any event
     assert caught.value.status == 400 and "\n" not in caught.value.message
+    assert caught.value.code == "context_length_exceeded"
+    with pytest.raises(RemoteError, match=refused):
+        asyncio.run(remote.chat(long).wait_started())  # as the server starts a generation
     with pytest.raises(BadRequest, match="top_p"):
         remote.chat(HI, top_p=2.0)
     plain = RemoteModel("http://x", remote._http, Endpoint("openai", "m", 512, None, Sampling()))
