@@ -23,6 +23,7 @@ from localqwen.backend import CancelFlag, Vocab
 from localqwen.errors import LocalqwenError, ModelBusy
 from localqwen.events import Event
 from localqwen.generation import Turn, timings
+from localqwen.prompt_cache import PromptCache
 from localqwen.sampler import Sampler
 from localqwen.sampling import Sampling
 from localqwen.stream import END, MAX_AHEAD, Channel
@@ -85,15 +86,17 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Engine:
-    def __init__(self, llama_model: Any, context: Any, *, n_slots: int, n_batch: int, end_ids: set[int],
-                 wrap_up_ids: list[int], wrap_up_text: str, load_s: float) -> None:
+    def __init__(self, llama_model: Any, context: Any, *, n_slots: int, n_ctx_seq: int, n_batch: int,
+                 end_ids: set[int], wrap_up_ids: list[int], wrap_up_text: str, load_s: float,
+                 prompt_cache: PromptCache | None = None) -> None:
         import llama_cpp
 
         self._lib, self._model, self._context = llama_cpp, llama_model, context
         self.ctx, self._memory = context.ctx, context.memory
         self.vocab = Vocab(llama_model)
         self.slots = [Slot(i) for i in range(n_slots)]
-        self.n_batch, self.end_ids, self.load_s = n_batch, end_ids, load_s
+        self.n_batch, self.n_ctx_seq, self.end_ids, self.load_s = n_batch, n_ctx_seq, end_ids, load_s
+        self.prompt_cache = prompt_cache
         self.wrap_up_ids, self.wrap_up_text = wrap_up_ids, wrap_up_text
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._abort = CancelFlag(self.ctx)  # llama_decode stops mid-batch when every sequence in it is cancelled
@@ -195,6 +198,8 @@ class Engine:
 
     def _place(self, sequence: Sequence, slot: Slot) -> None:
         prompt, turn = sequence.request.prompt, sequence.turn
+        if self.prompt_cache is not None:
+            self._restore(slot, prompt)
         keep = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)  # the last prompt token gives the logits
         self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
         del slot.tokens[keep:]
@@ -206,6 +211,23 @@ class Engine:
         sequence.channel.put([])  # no events yet: it tells a reader waiting for the start that a slot was found
         if turn.budget_spent:  # a thinking budget of 0: the wrap-up follows the prompt at once
             self._wrap_up(sequence, [])
+
+    def _restore(self, slot: Slot, prompt: list[int]) -> None:
+        """Fill the slot from the prompt cache on disk when a saved prompt shares a longer start with `prompt` than
+        the slot does."""
+        assert self.prompt_cache is not None
+        found = self.prompt_cache.best(prompt, better_than=common_prefix(slot.tokens, prompt), room=self.n_ctx_seq)
+        if found is None:
+            return
+        self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+        slot.tokens = self.prompt_cache.restore(self.ctx, slot.seq_id, found[0]) or []
+
+    def _save(self, sequence: Sequence) -> None:
+        """Save the prompt's state once it is evaluated (the slot then holds exactly the prompt)."""
+        slot, prompt = sequence.slot, sequence.request.prompt
+        if self.prompt_cache is not None and slot is not None and slot.tokens == prompt \
+                and self.prompt_cache.wants(prompt):
+            self.prompt_cache.save(self.ctx, slot.seq_id, prompt)
 
     def _step(self, active: list[Sequence]) -> None:
         for sequence in active:
@@ -270,7 +292,9 @@ class Engine:
 
     def _sampled(self, sequence: Sequence, token: int) -> None:
         turn = sequence.turn
-        sequence.first_token_at = sequence.first_token_at or time.perf_counter()
+        if not sequence.first_token_at:
+            sequence.first_token_at = time.perf_counter()
+            self._save(sequence)
         if sequence.cancelled:
             turn.stop("cancelled")
         elif token not in self.end_ids:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from localqwen import paths
 from localqwen.backend import Vocab, last_error, load_model, new_context
 from localqwen.constants import ENDOFTEXT_ID, IM_END_ID, THINKING_WRAP_UP_TEXT
 from localqwen.engine import Engine, Request
@@ -27,6 +28,7 @@ from localqwen.metadata import ModelMetadata, read_metadata
 from localqwen.modelcheck import check_model
 from localqwen.plan import MemoryPlan, choose_plan, shape_of, shortfall
 from localqwen.prompt import render_chat
+from localqwen.prompt_cache import DEFAULT_MAX_BYTES, PromptCache, setting_key
 from localqwen.sampling import Sampling
 from localqwen.stream import Stream
 
@@ -37,7 +39,8 @@ WRAP_UP_TEXT = THINKING_WRAP_UP_TEXT
 
 
 class Model:
-    def __init__(self, llama_model: Any, context: Any, meta: ModelMetadata, plan: MemoryPlan, load_s: float) -> None:
+    def __init__(self, llama_model: Any, context: Any, meta: ModelMetadata, plan: MemoryPlan, load_s: float,
+                 prompt_cache: PromptCache | None = None) -> None:
         import llama_cpp
 
         self.meta, self.plan, self.load_s, self.path = meta, plan, load_s, meta.path
@@ -52,16 +55,21 @@ class Model:
                               for i in range(self.n_vocab) if self._vocab.attributes(i) & special]
         self.wrap_up_ids = self.tokenize(WRAP_UP_TEXT, special=True)
         end_ids = {IM_END_ID, ENDOFTEXT_ID, llama_cpp.llama_vocab_eos(llama_model.vocab)}
-        self._engine = Engine(llama_model, context, n_slots=plan.n_seq, n_batch=plan.n_batch, end_ids=end_ids,
-                              wrap_up_ids=self.wrap_up_ids, wrap_up_text=WRAP_UP_TEXT, load_s=load_s)
+        self.prompt_cache = prompt_cache
+        self._engine = Engine(llama_model, context, n_slots=plan.n_seq, n_ctx_seq=plan.n_ctx_seq, n_batch=plan.n_batch,
+                              end_ids=end_ids, wrap_up_ids=self.wrap_up_ids, wrap_up_text=WRAP_UP_TEXT, load_s=load_s,
+                              prompt_cache=prompt_cache)
 
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int | str = "auto", kv_type: str = "f16", flash_attn: bool | None = None,
              gpu_layers: int | str = "auto", threads: int | None = None, max_ctx: int | None = None,
-             parallel: int | str = 1) -> Model:
+             parallel: int | str = 1, prompt_cache: str | Path | bool = False,
+             prompt_cache_bytes: int = DEFAULT_MAX_BYTES) -> Model:
         """Load a GGUF for `parallel` generations at once, each with a context of `n_ctx` tokens (they share one
         KV cache of parallel x n_ctx). n_ctx="auto" takes the largest that fits free memory, up to `max_ctx`;
-        parallel="auto" as many generations as fit with 8K tokens each (at most 4 on the CPU, 8 on a GPU)."""
+        parallel="auto" as many generations as fit with 8K tokens each (at most 4 on the CPU, 8 on a GPU).
+        prompt_cache: keep long prompts' KV cache on disk (localqwen.prompt_cache), in this folder, or in the
+        store's with True; at most prompt_cache_bytes."""
         path = Path(path)
         if not path.is_file():
             raise ModelFileError("model file not found", path)
@@ -80,7 +88,12 @@ class Model:
         except (ValueError, RuntimeError) as exc:
             detail = last_error() or str(exc)
             raise ModelFileError(f"llama.cpp could not load the model ({detail})", path) from None
-        return cls(llama_model, context, meta, plan, time.perf_counter() - started)
+        cache = None
+        if prompt_cache is not False:
+            folder = paths.home() / "prompt-cache" if prompt_cache is True else Path(prompt_cache)
+            key = setting_key(path, plan.kv_type, plan.flash_attn)
+            cache = PromptCache(folder / key, max_bytes=prompt_cache_bytes)
+        return cls(llama_model, context, meta, plan, time.perf_counter() - started, cache)
 
     # --- what the model is ---------------------------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ CLIENT = RemoteFlags("--url", "--api-key", "LOCALQWEN_API_KEY",
 UPSTREAM = RemoteFlags("--upstream", "--upstream-key", "LOCALQWEN_UPSTREAM_KEY",
                        "Serve, in front of it, the model of the engine at URL (an OpenAI-compatible endpoint: "
                        "vLLM, llama-server, localqwen serve) instead of a local one; -m then picks among its models.")
-LOCAL_ONLY = ("n_ctx", "kv_type", "flash_attn", "gpu_layers", "threads", "parallel")
+LOCAL_ONLY = ("n_ctx", "kv_type", "flash_attn", "gpu_layers", "threads", "prompt_cache", "parallel")
 
 
 def with_model(command: Callable[..., Any] | None = None, *, remote: RemoteFlags = CLIENT) -> Any:
@@ -123,11 +123,12 @@ def with_model(command: Callable[..., Any] | None = None, *, remote: RemoteFlags
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def wrapper(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, gpu_layers: str,
-                    threads: int | None, url: str | None, remote_key: str | None, parallel: int | str = 1,
-                    **kwargs: Any) -> Any:
+                    threads: int | None, prompt_cache: str, url: str | None, remote_key: str | None,
+                    parallel: int | str = 1, **kwargs: Any) -> Any:
             if url is None:
-                return command(load_model(model_spec, n_ctx, kv_type, flash_attn, gpu_layers, threads, parallel),
-                               **kwargs)
+                cache = {"store": True, "off": False}.get(prompt_cache, prompt_cache)
+                return command(load_model(model_spec, n_ctx, kv_type, flash_attn, gpu_layers, threads, parallel,
+                                          cache), **kwargs)
             context = click.get_current_context()
             given = [name for name in LOCAL_ONLY  # the command's own flags that were given
                      if context.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
@@ -139,6 +140,9 @@ def with_model(command: Callable[..., Any] | None = None, *, remote: RemoteFlags
             return command(RemoteModel.connect(url, api_key=remote_key, model=model_spec), **kwargs)
 
         flags = [click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores)."),
+                 click.option("--prompt-cache", default="store", show_default=True, metavar="DIR|store|off",
+                              help="Keep long prompts' KV cache on disk, so a conversation re-opened later starts "
+                                   "at once."),
                  click.option(remote.url, "url", metavar="URL", help=remote.help),
                  click.option(remote.key, "remote_key", envvar=remote.envvar, metavar="KEY",
                               help=f"The key {remote.url} requires (env {remote.envvar}).")]
@@ -161,10 +165,10 @@ def model_path(model_spec: str | None) -> Path:
 
 
 def load_model(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, layers: str,
-               threads: int | None, parallel: int | str = 1) -> Any:
+               threads: int | None, parallel: int | str = 1, prompt_cache: str | bool = False) -> Any:
     from localqwen.model import Model
 
     ctx = context_size(n_ctx)
     return Model.load(model_path(model_spec), n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn,
                       gpu_layers=parse_gpu_layers(layers), threads=threads, parallel=parallel,
-                      max_ctx=DEFAULT_CONTEXT if ctx == "auto" else None)
+                      prompt_cache=prompt_cache, max_ctx=DEFAULT_CONTEXT if ctx == "auto" else None)
