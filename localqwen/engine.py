@@ -319,7 +319,7 @@ class Engine:
         if sequence.cancelled:
             turn.stop("cancelled")
         elif token not in self.end_ids:
-            events = turn.token(token, self.vocab.piece(token))
+            events = turn.token(self.vocab.piece(token), token)
             if not (turn.out_of_tokens or turn.stopped):
                 if (reason := self._wrap_up_reason(sequence)) is not None:
                     self._wrap_up(sequence, events, reason, token)

@@ -136,20 +136,22 @@ class Turn:
             return False
         return repeats_itself(np.asarray(thought[-LOOP_SPANS.stop * LOOP_REPEATS:]))
 
-    def token(self, token: int, piece: bytes) -> list[Event]:
-        """One sampled token: counted as thinking if it arrived while thinking (`</think>` itself included)."""
+    def token(self, piece: bytes, token: int | None = None) -> list[Event]:
+        """One sampled token (its bytes, and its id where known): counted as thinking if it arrived while thinking
+        (`</think>` itself included)."""
         if self.parser.in_thinking:
             self.stats.thinking_tokens += 1
-            if self._thought is not None:
+            if self._thought is not None and token is not None:
                 self._thought.append(token)
         else:
             self.stats.content_tokens += 1
         return self._events(self.parser.feed(self._decoder.decode(piece)))
 
-    def forced(self, text: str, n_tokens: int, reason: WrapUp) -> list[Event]:
-        """The thinking wrap-up put in the model's mouth: shown, counted as thinking, its reason in the stats."""
+    def forced(self, text: str, n_tokens: int, reason: WrapUp | None = None) -> list[Event]:
+        """Text put in the model's mouth (the thinking wrap-up, with its reason): shown, counted as thinking."""
         self.stats.thinking_tokens += n_tokens
-        self.stats.wrap_up = reason
+        if reason is not None:
+            self.stats.wrap_up = reason
         return self._events(self.parser.feed(text))
 
     def stop(self, reason: FinishReason) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from localqwen import paths
 from localqwen.backend import Vocab, last_error, load_model, new_context
-from localqwen.constants import ENDOFTEXT_ID, IM_END_ID, THINKING_BUDGET_WRAP_UP, THINKING_CLOSER, TOOL_CALL_OPEN_ID
+from localqwen.constants import ENDOFTEXT_ID, IM_END_ID, THINKING_WRAP_UP_TEXT, TOOL_CALL_OPEN_ID
 from localqwen.constrain import AnswerFormat, call_body, calls_only, json_answer
 from localqwen.engine import Engine, Request
 from localqwen.errors import BadRequest, ContextOverflow, ModelFileError
@@ -39,9 +39,8 @@ if TYPE_CHECKING:
 
 # ggml type ids for the KV cache (ggml.h: GGML_TYPE_F16 = 1, GGML_TYPE_Q4_0 = 2, GGML_TYPE_Q8_0 = 8).
 GGML_KV_TYPE_IDS = {"f16": 1, "q8_0": 8, "q4_0": 2}
-# What closes thinking when its budget runs out: the Qwen3 report's sentence, then the template's layout
-# (the report writes "</think>.\n\n"; the chat template renders "</think>\n\n").
-WRAP_UP_TEXT = "\n\n" + THINKING_BUDGET_WRAP_UP.rstrip("\n") + THINKING_CLOSER
+# What closes thinking when its budget runs out.
+WRAP_UP_TEXT = THINKING_WRAP_UP_TEXT
 
 
 class Model:

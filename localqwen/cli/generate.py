@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from localqwen.cli.edge import Command
-from localqwen.cli.options import PARALLEL_OPTION, generation_options, with_model
+from localqwen.cli.options import PARALLEL_OPTION, UPSTREAM, generation_options, with_model
 
 
 def read_prompt(prompt: str | None) -> str:
@@ -108,7 +108,7 @@ def check_origins(ctx: click.Context, param: click.Parameter, values: tuple[str,
 
 
 @click.command("serve", cls=Command)
-@with_model
+@with_model(remote=UPSTREAM)
 @PARALLEL_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
@@ -121,7 +121,8 @@ def check_origins(ctx: click.Context, param: click.Parameter, values: tuple[str,
               help='Offer the chat page the tools of the MCP servers in this {"mcpServers": ...} file.')
 def serve_command(model: Any, host: str, port: int, api_key: str | None, reasoning_format: str,
                   cors_origins: tuple[str, ...], mcp_config: str | None) -> None:
-    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page (/)."""
+    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page (/), of
+    a local model or, with --upstream, of a serving engine's."""
     from localqwen.server import serve
 
     with mcp_servers(mcp_config) as tools:

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from localqwen.model import Model
+from localqwen.remote import RemoteModel
 from localqwen.server import anthropic, metrics, ollama, openai, responses, utility
 from localqwen.server.agent import install_agent
 from localqwen.server.http import APIError, api_error
@@ -32,17 +33,18 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ERROR_SHAPES = ((anthropic.PATH_PREFIX, anthropic.error_response), (ollama.PATH_PREFIX, ollama.error_response))
 
 
-def create_app(model: Model, *, api_key: str | None = None, reasoning_format: str = "deepseek",
+def create_app(model: Model | RemoteModel, *, api_key: str | None = None, reasoning_format: str = "deepseek",
                model_id: str | None = None, max_queue: int = 8, max_body_bytes: int = 4 << 20,
                cors_origins: Sequence[str] = (), tools: Sequence[Tool] = ()) -> FastAPI:
-    """The API for `model`, and the web chat page at `/`. reasoning_format: "deepseek" (reasoning_content) or
-    "none" (<think> in content). cors_origins: other sites' pages allowed to call the API (localqwen.web.guard).
-    tools: what the page's tool loop may call (server/agent.py), e.g. MCP servers' tools."""
+    """The API for `model` (a local one, or a RemoteModel: the engine behind it runs the generations), and the web
+    chat page at `/`. reasoning_format: "deepseek" (reasoning_content) or "none" (<think> in content). cors_origins:
+    other sites' pages allowed to call the API (localqwen.web.guard). tools: what the page's tool loop may call
+    (server/agent.py), e.g. MCP servers' tools."""
     if reasoning_format not in REASONING_FORMATS:
         raise ValueError(f"reasoning_format must be 'deepseek' or 'none', not {reasoning_format!r}")
     scheduler = Scheduler(model, max_queue)
     meter = metrics.Metrics(scheduler)
-    server = ServerState(model, model_id or model.path.stem, scheduler, api_key=api_key,
+    server = ServerState(model, model_id or model_name(model), scheduler, api_key=api_key,
                          reasoning_format=reasoning_format, max_body_bytes=max_body_bytes, observer=meter.observe)
 
     @contextlib.asynccontextmanager
@@ -100,13 +102,18 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
                                             code="not_found" if exc.status_code == 404 else None))
 
 
-def serve(model: Model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def model_name(model: Model | RemoteModel) -> str:
+    return model.model_id if isinstance(model, RemoteModel) else model.path.stem
+
+
+def serve(model: Model | RemoteModel, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           reasoning_format: str = "deepseek", cors_origins: Sequence[str] = (), tools: Sequence[Tool] = ()) -> None:
     """Serve the API and the chat page until Ctrl+C (loopback only by default)."""
     app = create_app(model, api_key=api_key, reasoning_format=reasoning_format, cors_origins=cors_origins,
                      tools=tools)
     shown = f"[{host}]" if ":" in host else host
-    print(f"localqwen: serving {model.path.stem} (context {model.n_ctx}) at http://{shown}:{port}/v1, "
+    upstream = f" from {model.url}" if isinstance(model, RemoteModel) else ""
+    print(f"localqwen: serving {model_name(model)}{upstream} (context {model.n_ctx}) at http://{shown}:{port}/v1, "
           f"chat page at http://{shown}:{port}/", flush=True)
     if api_key is None and host not in LOOPBACK:
         print("localqwen: warning: listening beyond this machine without an API key (--api-key)", flush=True)

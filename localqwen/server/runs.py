@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from localqwen.errors import LocalqwenError
 from localqwen.events import Event
 from localqwen.model import Model
+from localqwen.remote import RemoteModel, RemoteStream
 from localqwen.server.http import RETRY_AFTER_S, APIError, api_error
 from localqwen.stream import Stream
 
@@ -24,7 +25,7 @@ T = TypeVar("T")
 class Generation:
     """One generation of the model, taken on the event loop; `on_event` sees each event as it passes."""
 
-    def __init__(self, stream: Stream, on_event: Callable[[Event], None] | None = None) -> None:
+    def __init__(self, stream: Stream | RemoteStream, on_event: Callable[[Event], None] | None = None) -> None:
         self.stream, self._on_event = stream, on_event
 
     async def open(self) -> None:
@@ -77,7 +78,7 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
 class Scheduler:
     """Up to the model's `parallel` generations run together; at most `max_queue` more wait for a slot."""
 
-    def __init__(self, model: Model, max_queue: int) -> None:
+    def __init__(self, model: Model | RemoteModel, max_queue: int) -> None:
         self.model, self.max_queue = model, max_queue
         self._unplaced = 0  # requests being started: tokenized, queued in the model, not yet in a slot
 
@@ -91,7 +92,7 @@ class Scheduler:
         """Requests waiting for a slot."""
         return max(0, self._unplaced - (self.model.parallel - self.model.running))
 
-    async def start(self, request: Request, start: Callable[[], Stream],
+    async def start(self, request: Request, start: Callable[[], Stream | RemoteStream],
                     on_event: Callable[[Event], None] | None = None) -> Generation:
         """Start a generation (`start` calls the model) and wait until it has a slot; 503 when too many wait."""
         if self.waiting >= self.max_queue:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from localqwen.events import Event
 from localqwen.model import Model
+from localqwen.remote import RemoteModel, RemoteStream
 from localqwen.server.http import APIError, parse_body
 from localqwen.server.runs import Generation, Scheduler
 from localqwen.stream import Stream
@@ -25,7 +26,7 @@ REASONING_FORMATS = ("deepseek", "none")
 
 @dataclass
 class ServerState:
-    model: Model
+    model: Model | RemoteModel
     model_id: str
     scheduler: Scheduler
     api_key: str | None = None
@@ -67,6 +68,6 @@ class ServerState:
                 raise too_big
         return parse_body(bytes(body), kind)
 
-    async def start(self, request: Request, start: Callable[[], Stream]) -> Generation:
+    async def start(self, request: Request, start: Callable[[], Stream | RemoteStream]) -> Generation:
         """Start a generation (`start` calls the model and returns its stream) and wait until it has a slot."""
         return await self.scheduler.start(request, start, self.observer)
