@@ -59,7 +59,10 @@ class Model:
         self.special_texts = [self._vocab.piece(i, special=True).decode("utf-8", "replace")
                               for i in range(self.n_vocab) if self._vocab.attributes(i) & special]
         self.wrap_up_ids = self.tokenize(WRAP_UP_TEXT, special=True)
-        end_ids = {IM_END_ID, ENDOFTEXT_ID, llama_cpp.llama_vocab_eos(llama_model.vocab)}
+        # Every end-of-generation token llama.cpp knows (its own loop stops at each): a grammar whose JSON is complete
+        # lets only these through, and <|fim_pad|> or <|file_sep|> must end the reply as <|im_end|> does.
+        end_ids = {IM_END_ID, ENDOFTEXT_ID, *(i for i in range(self.n_vocab)
+                                               if llama_cpp.llama_vocab_is_eog(llama_model.vocab, i))}
         self.prompt_cache, self.loop_guard = prompt_cache, loop_guard
         self._engine = Engine(llama_model, context, n_slots=plan.n_seq, n_ctx_seq=plan.n_ctx_seq, n_batch=plan.n_batch,
                               end_ids=end_ids, wrap_up_ids=self.wrap_up_ids, wrap_up_text=WRAP_UP_TEXT, load_s=load_s,
