@@ -89,8 +89,8 @@ def test_options(env: SimpleNamespace) -> None:
     with pytest.raises(ollama.ResponseError, match="--ctx 4096") as failed:
         api.chat(model="m", messages=HI, options={"num_ctx": 4096})
     assert failed.value.status_code == 400 and "loaded context of 512" in failed.value.error
-    with pytest.raises(ollama.ResponseError, match="not supported yet"):
-        api.chat(model="m", messages=HI, format="json")
+    with pytest.raises(ollama.ResponseError, match=r"format\.properties\.n\.minimum is not supported"):
+        api.chat(model="m", messages=HI, format={"type": "object", "properties": {"n": {"minimum": 1}}})
     with pytest.raises(ollama.ResponseError, match="temperature"):
         api.chat(model="m", messages=HI, options={"temperature": -1})
 

@@ -156,8 +156,10 @@ def test_errors(env: SimpleNamespace) -> None:
     api = client(env.main)
     with pytest.raises(openai.BadRequestError, match="keeps no responses"):
         api.responses.create(model="m", input="Hi", previous_response_id="resp_123")
-    with pytest.raises(openai.BadRequestError, match="not supported yet"):
-        api.responses.create(model="m", input="Hi", text={"format": {"type": "json_object"}})
+    unenforceable = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}
+    with pytest.raises(openai.BadRequestError, match=r"text\.format\.schema\.properties\.n\.minimum is not supported"):
+        api.responses.create(model="m", input="Hi", text={"format": {"type": "json_schema", "name": "n",
+                                                                     "schema": unenforceable}})
     with pytest.raises(openai.AuthenticationError):
         client(env.main, key="wrong").responses.create(model="m", input="Hi")
     url, auth = f"{env.main}/v1/responses", {"Authorization": f"Bearer {KEY}"}
