@@ -27,6 +27,9 @@ MAX_SCHEMA_BYTES = 64 << 10
 LOOSE_CHAR = r'char ::= [^"\\] |'
 STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 LEADING_SPACE = "[ \\t\\n]{0,4}"  # after `</think>` the template puts "\n\n": let the model keep its layout
+# Around a call's JSON the template puts one newline. Bounded: a grammar that allows whitespace without end lets a
+# model that does not follow it (random weights, a confused one) write whitespace until its token limit.
+CALL_SPACE = "[ \\n]{0,2}"
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,8 @@ def _calls_schema(tools: list[dict[str, Any]], names: list[str] | None, *, any_a
 def calls_only(tools: list[dict[str, Any]], names: list[str] | None = None) -> AnswerFormat:
     """The answer is one or more tool calls and nothing else (tool_choice "required", or a named function)."""
     calls = schema_gbnf(_calls_schema(tools, names), "tools")
-    call = f'"{TOOL_CALL_OPEN}" [ \\n]* root [ \\n]* "{TOOL_CALL_CLOSE}"'
-    return AnswerFormat(f"{calls}\ncall ::= {call}\nanswer ::= {LEADING_SPACE} call ([ \\n]* call)*")
+    call = f'"{TOOL_CALL_OPEN}" {CALL_SPACE} root {CALL_SPACE} "{TOOL_CALL_CLOSE}"'
+    return AnswerFormat(f"{calls}\ncall ::= {call}\nanswer ::= {LEADING_SPACE} call ({CALL_SPACE} call)*")
 
 
 def call_body(tools: list[dict[str, Any]]) -> str:
@@ -152,4 +155,4 @@ def call_body(tools: list[dict[str, Any]]) -> str:
         calls = schema_gbnf(_calls_schema(tools, None), "tools")
     except BadRequest:
         calls = schema_gbnf(_calls_schema(tools, None, any_arguments=True), "tools")
-    return f'{calls}\nanswer ::= [ \\n]* root [ \\n]* "{TOOL_CALL_CLOSE}"'
+    return f'{calls}\nanswer ::= {CALL_SPACE} root {CALL_SPACE} "{TOOL_CALL_CLOSE}"'
