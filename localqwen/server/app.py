@@ -2,7 +2,8 @@
 routes of each dialect (a module of wire format over the model's events: openai.py, responses.py, anthropic.py,
 ollama.py) and the utility routes.
 
-One generation at a time; up to `max_queue` requests wait, more get 503 with Retry-After. A client that disconnects
+Up to the model's `parallel` generations run together (engine.py batches them); up to `max_queue` more wait,
+beyond that a 503 with Retry-After. A client that disconnects
 (streaming or not, queued or running) stops its generation at the next token. Errors have OpenAI's shape
 {"error": {"message", "type", "param", "code"}} except under the paths of a dialect with its own (ERROR_SHAPES).
 """
