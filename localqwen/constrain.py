@@ -27,9 +27,9 @@ MAX_SCHEMA_BYTES = 64 << 10
 LOOSE_CHAR = r'char ::= [^"\\] |'
 STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 LEADING_SPACE = "[ \\t\\n]{0,4}"  # after `</think>` the template puts "\n\n": let the model keep its layout
-# Around a call's JSON and between calls (the template writes one "\n"). Bounded, as the converter's own `space` rule
-# is: unbounded, a model can write whitespace until max_tokens runs out.
-CALL_SPACE = "[ \\n]{0,4}"
+# Around a call's JSON the template puts one newline. Bounded: a grammar that allows whitespace without end lets a
+# model that does not follow it (random weights, a confused one) write whitespace until its token limit.
+CALL_SPACE = "[ \\n]{0,2}"
 
 
 @dataclass(frozen=True)

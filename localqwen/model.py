@@ -59,10 +59,10 @@ class Model:
         self.special_texts = [self._vocab.piece(i, special=True).decode("utf-8", "replace")
                               for i in range(self.n_vocab) if self._vocab.attributes(i) & special]
         self.wrap_up_ids = self.tokenize(WRAP_UP_TEXT, special=True)
-        # Every end-of-generation token llama.cpp knows (its own loop stops at each): a grammar whose JSON is complete
-        # lets only these through, and <|fim_pad|> or <|file_sep|> must end the reply as <|im_end|> does.
-        end_ids = {IM_END_ID, ENDOFTEXT_ID, *(i for i in range(self.n_vocab)
-                                               if llama_cpp.llama_vocab_is_eog(llama_model.vocab, i))}
+        # Every end-of-generation token llama.cpp knows for this vocabulary (<|im_end|>, <|endoftext|>, and the FIM
+        # ends <|fim_pad|>, <|repo_name|>, <|file_sep|>): a finished grammar allows only these.
+        end_ids = {IM_END_ID, ENDOFTEXT_ID} | {i for i in range(self.n_vocab) if self._vocab.attributes(i) & special
+                                               and llama_cpp.llama_vocab_is_eog(llama_model.vocab, i)}
         self.prompt_cache, self.loop_guard = prompt_cache, loop_guard
         self._engine = Engine(llama_model, context, n_slots=plan.n_seq, n_ctx_seq=plan.n_ctx_seq, n_batch=plan.n_batch,
                               end_ids=end_ids, wrap_up_ids=self.wrap_up_ids, wrap_up_text=WRAP_UP_TEXT, load_s=load_s,

@@ -155,15 +155,36 @@ def check_origins(ctx: click.Context, param: click.Parameter, values: tuple[str,
               help="Let pages from ORIGIN (e.g. http://localhost:5173) call the API from a browser; repeatable.")
 @click.option("--mcp", "mcp_config", metavar="CONFIG.json",
               help='Offer the chat page the tools of the MCP servers in this {"mcpServers": ...} file.')
+@click.option("--open", "open_page", is_flag=True, help="Open the chat page in the browser once the server is up.")
 def serve_command(model: Any, host: str, port: int, api_key: str | None, reasoning_format: str,
-                  cors_origins: tuple[str, ...], mcp_config: str | None) -> None:
+                  cors_origins: tuple[str, ...], mcp_config: str | None, open_page: bool) -> None:
     """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page (/), of
     a local model or, with --upstream, of a serving engine's."""
     from localqwen.server import serve
 
     with mcp_servers(mcp_config) as tools:
         serve(model, host=host, port=port, api_key=api_key, reasoning_format=reasoning_format,
-              cors_origins=cors_origins, tools=tools)
+              cors_origins=cors_origins, tools=tools, open_page=open_page)
 
 
-COMMANDS = (run_command, chat_command, serve_command)
+@click.command("ui", cls=Command, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.pass_context
+def ui_command(ctx: click.Context, host: str, port: int) -> None:
+    """Open the chat page in the browser, starting `localqwen serve --open` first unless a localqwen server already
+    answers on HOST:PORT (other options go to serve: -m, --ctx, --api-key, ...)."""
+    import webbrowser
+
+    from localqwen.server.app import page_url, running_at
+
+    page = page_url(host, port)
+    if running_at(page):
+        click.echo(f"localqwen: the chat page is at {page}")
+        webbrowser.open(page)
+        return
+    serve_command.main(["--host", host, "--port", str(port), "--open", *ctx.args], prog_name="localqwen serve",
+                       standalone_mode=False)
+
+
+COMMANDS = (run_command, chat_command, serve_command, ui_command)

@@ -2,7 +2,8 @@
 routes of each dialect (a module of wire format over the model's events: openai.py, responses.py, anthropic.py,
 ollama.py) and the utility routes.
 
-One generation at a time; up to `max_queue` requests wait, more get 503 with Retry-After. A client that disconnects
+Up to the model's `parallel` generations run together (engine.py batches them); up to `max_queue` more wait,
+beyond that a 503 with Retry-After. A client that disconnects
 (streaming or not, queued or running) stops its generation at the next token. Errors have OpenAI's shape
 {"error": {"message", "type", "param", "code"}} except under the paths of a dialect with its own (ERROR_SHAPES).
 """
@@ -10,8 +11,12 @@ One generation at a time; up to `max_queue` requests wait, more get 503 with Ret
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
+import webbrowser
 from collections.abc import AsyncIterator, Sequence
 
+import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -107,14 +112,41 @@ def model_name(model: Model | RemoteModel) -> str:
 
 
 def serve(model: Model | RemoteModel, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          reasoning_format: str = "deepseek", cors_origins: Sequence[str] = (), tools: Sequence[Tool] = ()) -> None:
-    """Serve the API and the chat page until Ctrl+C (loopback only by default)."""
+          reasoning_format: str = "deepseek", cors_origins: Sequence[str] = (), tools: Sequence[Tool] = (),
+          open_page: bool = False) -> None:
+    """Serve the API and the chat page until Ctrl+C (loopback only by default); `open_page`: open the page in the
+    browser once the server answers."""
     app = create_app(model, api_key=api_key, reasoning_format=reasoning_format, cors_origins=cors_origins,
                      tools=tools)
-    shown = f"[{host}]" if ":" in host else host
+    page = page_url(host, port)
     upstream = f" from {model.url}" if isinstance(model, RemoteModel) else ""
-    print(f"localqwen: serving {model_name(model)}{upstream} (context {model.n_ctx}) at http://{shown}:{port}/v1, "
-          f"chat page at http://{shown}:{port}/", flush=True)
+    print(f"localqwen: serving {model_name(model)}{upstream} (context {model.n_ctx}) at {page}v1, chat page at {page}",
+          flush=True)
     if api_key is None and host not in LOOPBACK:
         print("localqwen: warning: listening beyond this machine without an API key (--api-key)", flush=True)
+    if open_page:
+        threading.Thread(target=open_when_up, args=(page,), daemon=True).start()
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3)
+
+
+def page_url(host: str, port: int) -> str:
+    """The chat page's address (a server listening on every address is reached on loopback)."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+def running_at(page: str) -> bool:
+    """Is a localqwen server answering there?"""
+    try:
+        return httpx.get(f"{page}health", timeout=2).json().get("status") == "ok"
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def open_when_up(page: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not running_at(page):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+    webbrowser.open(page)
