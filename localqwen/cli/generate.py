@@ -67,6 +67,8 @@ def run_command(model: Any, prompt: str | None, system: str | None, show_thinkin
         try:
             reply = Reply.collect(events)
         except ValueError as exc:  # an engine behind --url that answered outside the schema
+            if schema is None:
+                raise
             raise click.ClickException(f"the answer does not match the schema: {str(exc).splitlines()[0]}") from None
         data = reply.to_dict()
         if schema is not None:
