@@ -150,7 +150,8 @@ class ChatSession:
                   f"{t.get('prompt_tokens_per_s', 0)} tokens/s, first token after {t.get('prompt_eval_s', 0):.2f} s\n"
                   f"  generation  {st.completion_tokens} tokens ({st.thinking_tokens} thinking, {st.content_tokens} "
                   f"answer), {t.get('tokens_per_s', 0)} tokens/s over {t.get('generation_s', 0):.2f} s\n"
-                  f"  finish      {st.finish_reason}; context {self.used}/{self.model.n_ctx} tokens")
+                  f"  finish      {st.finish_reason}; context {self.used}/{self.model.n_ctx} tokens"
+                  + (f"\n  thinking    wrapped up by the {st.wrap_up.replace('_', ' ')}" if st.wrap_up else ""))
 
     def clear(self, arg: str) -> None:
         self.messages, self.used = [], 0

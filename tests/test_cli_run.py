@@ -57,14 +57,15 @@ def test_json_is_one_object(gguf: Path) -> None:
     result = run(gguf, "--json", "Hi")
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 1
     reply = json.loads(result.stdout)
-    assert set(reply) == {"thinking", "content", "tool_calls", "finish_reason", "truncated_thinking", "usage",
-                          "timings"}
+    assert set(reply) == {"thinking", "content", "tool_calls", "finish_reason", "truncated_thinking", "wrap_up",
+                          "usage", "timings"}
     assert (reply["thinking"], reply["content"], reply["tool_calls"], reply["finish_reason"]) == \
         (THINKING, ANSWER, [], "stop")
     usage = reply["usage"]
     assert set(usage) == {"prompt_tokens", "completion_tokens", "thinking_tokens"}
     assert 0 < usage["thinking_tokens"] < usage["completion_tokens"] and usage["prompt_tokens"] > 0
-    assert reply["truncated_thinking"] is False and {"prompt_eval_s", "tokens_per_s"} <= set(reply["timings"])
+    assert reply["truncated_thinking"] is False and reply["wrap_up"] is None
+    assert {"prompt_eval_s", "tokens_per_s"} <= set(reply["timings"])
 
 
 def test_prompt_from_stdin(gguf: Path) -> None:
@@ -132,8 +133,8 @@ def test_schema_answer_is_json_of_the_schema(gguf: Path) -> None:
     result = run(gguf, "--schema", str(path), "--json", "Hi")
     reply = json.loads(result.stdout)
     # --json gains "parsed" only with --schema (test_json_is_one_object pins the key set without it).
-    assert set(reply) == {"thinking", "content", "tool_calls", "finish_reason", "truncated_thinking", "usage",
-                          "timings", "parsed"}
+    assert set(reply) == {"thinking", "content", "tool_calls", "finish_reason", "truncated_thinking", "wrap_up",
+                          "usage", "timings", "parsed"}
     assert (reply["thinking"], reply["finish_reason"]) == (THINKING, "stop")
     assert reply["parsed"] == json.loads(reply["content"]) and result.exit_code == 0
 

@@ -242,6 +242,33 @@ def test_required_keeps_the_answer_out(servers: dict) -> None:
             call.function.name]["function"]["parameters"])
 
 
+@pytest.mark.parametrize("where", ["random", "upstream"])
+def test_parallel_tool_calls_false_is_one_call(servers: dict, where: str) -> None:
+    # Under "required" the random model often goes on calling until max_tokens; with parallel_tool_calls false the
+    # grammar allows one call, and the reply ends with it (through serve --upstream too: the field goes along).
+    api, finishes = client(servers["urls"][where]), set()
+    for seed in SEEDS:
+        choice = api.chat.completions.create(model="m", messages=HI, tools=TOOLS, tool_choice="required",
+                                             parallel_tool_calls=False, seed=seed, temperature=0.7, **BRIEF).choices[0]
+        finishes.add(choice.finish_reason)
+        if choice.finish_reason == "tool_calls":
+            [call] = choice.message.tool_calls
+            check_call(call.function.name, call.function.arguments, {t["function"]["name"] for t in TOOLS})
+        else:  # cut short inside its one call, which stays text
+            assert choice.finish_reason == "length" and not choice.message.tool_calls
+    assert "tool_calls" in finishes
+
+
+def test_the_choice_says_why_the_thinking_was_wrapped_up(servers: dict) -> None:
+    api = client(servers["urls"]["ponder"])
+    budgeted = api.chat.completions.create(model="m", messages=HI, max_tokens=200,
+                                           extra_body={"thinking_budget": 8}, **GREEDY).choices[0]
+    assert (budgeted.message.content, budgeted.model_extra["thinking_wrap_up"]) == (PONDER_ANSWER, "budget")
+    plain = client(servers["urls"]["calls"]).chat.completions.create(model="m", messages=HI, max_tokens=200,
+                                                                     **GREEDY).choices[0]
+    assert "thinking_wrap_up" not in plain.model_extra
+
+
 def test_tool_choice_none_keeps_calls_out(servers: dict) -> None:
     # The chain model calls a tool right after its answer; with "none" it cannot open the call, and goes on ("!").
     api = client(servers["urls"]["tool"])

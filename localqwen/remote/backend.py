@@ -150,16 +150,18 @@ class RemoteModel:
     # --- generation ----------------------------------------------------------------------------------------------
 
     def chat(self, messages: list[Any], *, tools: list[Any] | None = None, tool_choice: str = "auto",
-             schema: Any = None, max_tokens: int | None = None, thinking_budget: int | None = None,
-             answer_reserve: int | None = None, stop: str | list[str] | None = None, wait: float | None = None,
-             **sampling: Any) -> RemoteStream:
+             parallel_tool_calls: bool = True, schema: Any = None, max_tokens: int | None = None,
+             thinking_budget: int | None = None, answer_reserve: int | None = None, stop: str | list[str] | None = None,
+             wait: float | None = None, **sampling: Any) -> RemoteStream:
         """Stream the reply to `messages` as events (`for` or `async for`), as Model.chat does. The request goes out
         with the first event asked for, and an error the endpoint answers with (a prompt too long, a wrong key)
-        raises there. `tool_choice` and `schema` go to the engine as OpenAI's `tool_choice` and `response_format`
-        (the engine enforces them; Reply.collect parses and validates the answer). `wait` is accepted for Model's
-        signature: the engine queues requests itself."""
+        raises there. `tool_choice`, `parallel_tool_calls` and `schema` go to the engine as OpenAI's `tool_choice`,
+        `parallel_tool_calls` and `response_format` (the engine enforces them; Reply.collect parses and validates
+        the answer). `wait` is accepted for Model's signature: the engine queues requests itself."""
         body, turn = self._chat_body(messages, tools, max_tokens, thinking_budget, answer_reserve, stop, sampling)
         body.update(tool_choice_field(tool_choice, tools))
+        if not parallel_tool_calls:
+            body["parallel_tool_calls"] = False
         answer_format = answer_fields(body, schema)
         return RemoteStream(self, "/v1/chat/completions", body, turn, messages, tools, answer_format)
 

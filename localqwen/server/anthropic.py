@@ -118,6 +118,7 @@ class ToolIn(Strict):
 class ToolChoice(Strict):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
+    disable_parallel_tool_use: bool = False
 
 
 class Thinking(Strict):
@@ -253,7 +254,8 @@ def chat_arguments(server: ServerState, req: MessagesRequest) -> dict[str, Any]:
     named = choice.type == "tool"
     mode = {"any": "required", "tool": choice.name}.get(choice.type, choice.type)
     return {**arguments, "messages": template_messages(req), "tools": tools or None, "stop": req.stop_sequences,
-            "tool_choice": tool_choice_of(mode, tools, named=named)}
+            "tool_choice": tool_choice_of(mode, tools, named=named),
+            "parallel_tool_calls": not choice.disable_parallel_tool_use}
 
 
 # --- events to content blocks ----------------------------------------------------------------------------------

@@ -185,6 +185,7 @@ class ChatRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
     def options(self) -> dict[str, Any]:
@@ -291,6 +292,8 @@ class Reply:
         stats = self.output.stats
         # The stop string that ended the reply, as vLLM reports it (localqwen's remote backend reads it back).
         stopped = {"stop_reason": stats.stop_sequence} if finish_reason and stats and stats.stop_sequence else {}
+        if finish_reason and stats and stats.wrap_up:  # the thinking was closed for the model, and why
+            stopped["thinking_wrap_up"] = stats.wrap_up
         if not self.chat:
             text = "".join(self.output.content) if delta is None else delta.get("content", "")
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, **stopped}
@@ -355,7 +358,8 @@ async def chat_completions(request: Request) -> Response:
     options = {**req.options(), "schema": req.schema(server)}
 
     def start() -> Iterator[Event]:
-        return server.model.chat(messages, tools=tools or None, tool_choice=tool_choice, **options)
+        return server.model.chat(messages, tools=tools or None, tool_choice=tool_choice,
+                                 parallel_tool_calls=req.parallel_tool_calls, **options)
 
     output = ChatOutput(think_in_content=server.reasoning_format == "none", parse_tools=bool(tools))
     return await respond(request, server, Reply(server, req, output, chat=True), start)

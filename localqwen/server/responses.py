@@ -210,7 +210,7 @@ def chat_arguments(server: ServerState, req: ResponsesRequest) -> dict[str, Any]
     named = isinstance(req.tool_choice, NamedToolChoice)
     choice = req.tool_choice.name if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
     return {**arguments, "messages": template_messages(req), "tools": tools or None,
-            "tool_choice": tool_choice_of(choice, tools, named=named)}
+            "tool_choice": tool_choice_of(choice, tools, named=named), "parallel_tool_calls": req.parallel_tool_calls}
 
 
 # --- events to output items ------------------------------------------------------------------------------------
