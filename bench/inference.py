@@ -15,6 +15,8 @@ their counts.
   a quarter of max_tokens for the answer, so after about half the tokens it closes the thinking by feeding the
   wrap-up sentence (~25 tokens) in one batch; its raw comparison replays exactly that (same point, same tokens).
 - server: `localqwen serve`, one streaming /v1/chat/completions request per round, timed at the client.
+- llama-bench: llama.cpp's own benchmark at its defaults (`-p` and `-n` set to this run's lengths, one repetition
+  per round: the default five are for its own statistics), next to a raw run; what a llama.cpp user measures.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import _common as c
+from llama_server import binaries
 
 from localqwen.backend import open_llama
 from localqwen.generation import DEFAULT_ANSWER_RESERVE
@@ -130,6 +133,19 @@ def cli_run(path, text: str, n: int, seed: int, n_ctx: int, threads: int) -> dic
             "prompt_tokens_per_s": t["prompt_tokens_per_s"], "tokens_per_s": t["tokens_per_s"], "load_s": t["load_s"],
             "wall_s": wall, "overhead_s": wall - t["load_s"] - t["prompt_eval_s"] - t["generation_s"],
             "text": reply["thinking"] + reply["content"]}
+
+
+def llama_bench_run(path: Path, prompt_tokens: int, n: int) -> dict[str, Any]:
+    """One pp + tg measurement by llama.cpp's llama-bench (its own context, batch, threads and flash-attention
+    choice), in llama-bench's words: average tokens per second of each test."""
+    cmd = [str(binaries()["llama-bench"]), "-m", str(path), "-p", str(prompt_tokens), "-n", str(n), "-r", "1",
+           "-o", "json"]
+    tests = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    prefill = next(t["avg_ts"] for t in tests if t["n_prompt"] > 0)
+    decode = next(t["avg_ts"] for t in tests if t["n_gen"] > 0)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "ttft_s": prompt_tokens / prefill,
+            "prompt_tokens_per_s": prefill, "tokens_per_s": decode, "threads": tests[0]["n_threads"],
+            "text": ""}
 
 
 class Server:
@@ -261,7 +277,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=4096)
     p.add_argument("--threads", type=int, default=default_threads())
     p.add_argument("--reps", type=int, default=4, help="rounds (even: the API and its raw run swap order)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["cli", "server"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["cli", "server", "llama-bench"])
     args = p.parse_args()
     path = Path(args.gguf) if args.gguf else c.gguf(args.shape, args.quant, args.workdir)
     n = args.gen
@@ -283,7 +299,7 @@ def main() -> None:
             model.close()
     sampling = model.sampling
     windows = prompt_windows(model, args.prompt_tokens, args.reps)
-    fronts = ["api"] + [f for f in ("cli", "server") if f not in args.skip]
+    fronts = ["api"] + [f for f in ("cli", "server", "llama-bench") if f not in args.skip]
     server = Server(path, args.ctx, args.threads) if "server" in fronts else None
     rounds: list[dict[str, Any]] = []
     with c.LoadWatch() as load, contextlib.ExitStack() as cleanup:
@@ -311,6 +327,9 @@ def main() -> None:
                     sampled = mine["completion_tokens"] - len(inject)
                     base = raw.generate(chat_prompt, sampled, sampling, seed, at, inject)
                     mine["prompt_matches"] = mine["prompt_tokens"] == len(chat_prompt)
+                elif front == "llama-bench":
+                    mine = llama_bench_run(path, args.prompt_tokens, n)
+                    base = raw.generate(window, n, sampling, seed)
                 else:
                     mine = server.run(text, n, seed)
                     at, inject = chat_replay(model, mine, n) or (None, [])
@@ -342,7 +361,8 @@ def main() -> None:
             ratios = {k: round(c.median([run[k] for run in runs]), 3)
                       for k in ("x_raw_decode", "x_raw_prefill", "x_raw_ttft")}
         row = {"front_end": {"raw": "raw llama.cpp (C API)", "api": "localqwen API (Model.generate)",
-                             "cli": "localqwen run --json", "server": "localqwen serve (stream)"}[front],
+                             "cli": "localqwen run --json", "server": "localqwen serve (stream)",
+                             "llama-bench": "llama.cpp's llama-bench (defaults)"}[front],
                "decode_tok_s": round(c.median([r["tokens_per_s"] for r in runs]), 2),
                "prefill_tok_s": round(c.median([r["prompt_tokens_per_s"] for r in runs]), 1),
                "ttft_s": round(c.median([r["ttft_s"] for r in runs]), 3), **ratios}

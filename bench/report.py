@@ -2,8 +2,8 @@
 
     python bench/report.py --shape 4b
 
-Reads bench/results/{conversion,quantization,inference,memory_plan,quality}-SHAPE.json; missing ones are listed
-as not run. The text outside the markers in docs/benchmarks.md is left alone.
+Reads bench/results/NAME-SHAPE.json for each NAME in RESULTS; missing ones are listed as not run. The text
+outside the markers in docs/benchmarks.md is left alone.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import _common as c
 DOC = c.REPO / "docs" / "benchmarks.md"
 PLOT = c.RESULTS / "benchmarks.svg"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+RESULTS = ("conversion", "quantization", "inference", "parallel", "structured", "checks", "memory_plan", "quality")
 COLORS = {"localqwen": "#2b7bba", "llama.cpp": "#e07b39", "copy": "#8a8a8a", "raw": "#e07b39"}
 
 
@@ -83,6 +84,20 @@ def plot(shape: str, results: dict[str, dict | None]) -> bool:
                 for r in rows]
         elems, y = panel("Prompt processing relative to raw llama.cpp", bars, "x", y, 0.98, "0.98x")
         parts += elems
+    if par := results["parallel"]:
+        bars = [bar for r in par["streams"] for bar in (
+            (f"localqwen, {r['streams']} streams", r["localqwen_tok_s"], f"({r['ratio']}x llama-server)"),
+            (f"llama.cpp llama-server -np {r['streams']}", r["server_tok_s"], ""))]
+        elems, y = panel(f"Generated tokens/s, all streams together ({shape}, higher is better)", bars, "tok/s", y)
+        parts += elems
+    if st := results["structured"]:
+        r = st["result"]
+        bars = [("localqwen, free answer", r["localqwen_free"], ""),
+                ("localqwen, JSON schema", r["localqwen_schema"], f"({r['localqwen_ratio']}x free)"),
+                ("llama.cpp llama-server, free", r["server_free"], ""),
+                ("llama.cpp llama-server, json_schema", r["server_schema"], f"({r['server_ratio']}x free)")]
+        elems, y = panel(f"Answer tokens/s with and without a schema ({shape})", bars, "tok/s", y)
+        parts += elems
     if not parts:
         return False
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="900" height="{y}" font-family="sans-serif" '
@@ -119,9 +134,18 @@ def python_overhead_line(inf: dict | None) -> str:
             "on this machine.\n")
 
 
+def prompt_cache_line(par: dict | None) -> str:
+    cache = (par or {}).get("prompt_cache")
+    if not cache:
+        return ""
+    return (f"\nPrompt cache: a {cache['prompt_tokens']}-token prompt evaluated in {cache['evaluate']['ttft_s']} s; "
+            f"in a newly loaded model, restored from the disk cache in {cache['restore']['ttft_s']} s "
+            f"(**{cache['speedup']}x**; {cache['restore']['cached']} tokens cached, state "
+            f"{c.gb(cache['state_bytes'])} GB).\n")
+
+
 def markdown(shape: str, results: dict[str, dict | None], plotted: bool) -> str:
-    conv, quant, inf, plan, qual = (results[k] for k in ("conversion", "quantization", "inference", "memory_plan",
-                                                          "quality"))
+    conv, quant, inf, par, st, checks, plan, qual = (results[k] for k in RESULTS)
     out = [f"Results for the **{shape}** shapes, written by `python bench/report.py --shape {shape}` from "
            f"`bench/results/*-{shape}.json`."]
     if plotted:
@@ -141,6 +165,23 @@ def markdown(shape: str, results: dict[str, dict | None], plotted: bool) -> str:
                        f"generated tokens, {inf['threads']} threads, n_ctx {inf['ctx']}, median of {inf['reps']} "
                        "alternating rounds; ratios are taken within a round (x > 1: faster than raw)." if inf else "")
                + python_overhead_line(inf))
+    out.append(section("Many streams at once: continuous batching against llama-server", par, "streams",
+                       ["streams", "localqwen_tok_s", "server_tok_s", "ratio", "vs_one_stream", "localqwen_ttft_s",
+                        "server_ttft_s"],
+                       f" {par['settings']['prompt_tokens']}-token prompts (no shared prefix), "
+                       f"{par['settings']['gen']} tokens per stream, {par['settings']['threads']} threads, median of "
+                       f"{par['settings']['reps']} alternating rounds; llama-server at its defaults with `-np N`."
+                       if par else "") + prompt_cache_line(par))
+    out.append(section("Guaranteed answer shape: the cost of a JSON schema", st, "rounds",
+                       ["localqwen_free", "localqwen_schema", "server_free", "server_schema"],
+                       f" Answer tokens/s, {st['settings']['gen']} tokens, worst case (random weights: the grammar "
+                       f"filters every token). Medians: localqwen **{st['result']['localqwen_ratio']}x** its free "
+                       f"speed with the schema, llama-server {st['result']['server_ratio']}x." if st else ""))
+    out.append(section("The checks on untrusted files", checks, "rows", ["step", "median_s", "min_s", "max_s"],
+                       f" `{Path(checks['gguf']).name}`; every load of a known file pays "
+                       f"{checks['summary']['every_load_checks_s']} s of checks "
+                       f"({checks['summary']['every_load_share_of_load']:.0%} of llama.cpp's load); the first load of "
+                       f"a new file {checks['summary']['first_time_checks_s']} s, once." if checks else ""))
     out.append(section("Memory plan: planned vs allocated", plan, "rows",
                        ["n_ctx", "kv_type", "flash_attn", "planned_gib", "measured_gib", "error_pct",
                         "model_planned_mib", "model_measured_mib", "compute_planned_mib", "compute_measured_mib",
@@ -157,8 +198,7 @@ def markdown(shape: str, results: dict[str, dict | None], plotted: bool) -> str:
 def main() -> None:
     p = c.parser(__doc__)
     args = p.parse_args()
-    results = {name: load(name, args.shape) for name in ("conversion", "quantization", "inference", "memory_plan",
-                                                         "quality")}
+    results = {name: load(name, args.shape) for name in RESULTS}
     plotted = plot(args.shape, results)
     body = markdown(args.shape, results, plotted)
     text = DOC.read_text(encoding="utf-8") if DOC.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
