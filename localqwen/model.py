@@ -27,8 +27,10 @@ from localqwen.generation import Limits, Turn, timings
 from localqwen.metadata import ModelMetadata, read_metadata
 from localqwen.modelcheck import check_model
 from localqwen.plan import MemoryPlan, choose_plan, shape_of, shortfall
+from localqwen.probe import ensure_loadable
 from localqwen.prompt import render_chat
 from localqwen.sampling import Sampling
+from localqwen.template_check import check_template
 
 # ggml type ids for the KV cache (ggml.h: GGML_TYPE_F16 = 1, GGML_TYPE_Q4_0 = 2, GGML_TYPE_Q8_0 = 8).
 GGML_KV_TYPE_IDS = {"f16": 1, "q8_0": 8, "q4_0": 2}
@@ -66,16 +68,18 @@ class Model:
             raise ModelFileError("model file not found", path)
         meta = read_metadata(path)
         check_model(meta)  # llama.cpp aborts the process on some bad files: refuse them first
+        check_template(meta.chat_template, path)  # untrusted code: rendered once, in a bounded child process
         plan, memory = choose_plan(shape_of(meta), n_ctx, kv_type=kv_type, flash_attn=flash_attn,
                                    gpu_layers=gpu_layers, max_ctx=max_ctx)
         if (why := shortfall(plan, memory)) is not None:
             raise ModelFileError(f"{why}: lower --ctx or use --kv-cache q8_0/q4_0", path)
+        settings = dict(n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, n_gpu_layers=plan.gpu_layers,
+                        flash_attn=plan.flash_attn, type_k=GGML_KV_TYPE_IDS[plan.kv_type],
+                        type_v=GGML_KV_TYPE_IDS[plan.kv_type], n_threads=threads or default_threads())
+        ensure_loadable(meta, **settings)  # for asserts nobody anticipated: a child process loads a new file first
         started = time.perf_counter()
         try:
-            llama = open_llama(
-                path, n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, n_gpu_layers=plan.gpu_layers,
-                flash_attn=plan.flash_attn, type_k=GGML_KV_TYPE_IDS[plan.kv_type],
-                type_v=GGML_KV_TYPE_IDS[plan.kv_type], n_threads=threads or default_threads())
+            llama = open_llama(path, **settings)
         except (ValueError, RuntimeError) as exc:
             raise ModelFileError(f"llama.cpp could not load the model ({exc})", path) from None
         return cls(llama, meta, plan, time.perf_counter() - started)

@@ -125,6 +125,7 @@ def render_chat(template: str, messages: list[Any], specials: list[str], *, tool
     try:
         rendered = compile_template(template).render(
             messages=safe_messages, tools=safe_tools, add_generation_prompt=add_generation_prompt)
-    except TemplateError as exc:
-        raise BadRequest(f"the chat template failed: {exc}") from None
+    except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError, RecursionError, MemoryError) as exc:
+        # The template is the GGUF's code: however it fails on these messages, the caller gets one line.
+        raise BadRequest(f"the chat template failed: {' '.join(str(exc).split())[:300]}") from None
     return protector.segments(rendered)

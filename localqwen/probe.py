@@ -1,0 +1,128 @@
+"""Defence in depth: load a GGUF once in a child process (and generate a token) before the user's process loads it.
+
+The static checks (gguf_header, metadata, modelcheck, loadcheck) close every abort we found in llama.cpp's loader,
+vocabulary and graph code, but llama.cpp will always have asserts nobody anticipated, and an abort cannot be caught
+in-process. So a file localqwen has not seen before is loaded first in a throwaway child with the caller's settings
+(a small context), which evaluates a short chat prompt, checks that the logits are finite and samples one token. An
+abort or crash there is a one-line ModelFileError naming the file; the user's process never loads it.
+
+The verdict is remembered by the file's identity (resolved path, size, modification time, a hash of its header and
+of sampled data blocks) with the llama.cpp version and the settings that choose llama.cpp's code paths, so a known
+file loads as fast as before: the probe costs its child process once per file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from localqwen import verdicts
+from localqwen.errors import ModelFileError
+from localqwen.metadata import ModelMetadata
+
+PROBE_FORMAT = 1  # part of the verdict key: bump when what the child does changes
+PROBE_CTX = 512  # context for the probe: enough for its prompt, small enough to cost little memory
+PROBE_TIMEOUT_S = 600.0  # loading a large model from a cold disk on a slow machine; tiny models take a second
+HEADER_HASH_CAP = 32 << 20  # bytes of the header hashed (the 4B's header with its vocabulary is ~6 MB)
+SAMPLES, SAMPLE_BYTES = 16, 64 << 10  # data blocks hashed: a changed tensor anywhere is likely to show
+# A chat turn in Qwen3's layout with non-ASCII text, as Model.chat sends it (special tokens parsed).
+PROBE_PROMPT = "<|im_start|>user\nHello, wörld! 你好 👋 <tool_call>\n<|im_end|>\n<|im_start|>assistant\n<think>\n"
+ERROR_LINE = re.compile(r"GGML_ASSERT|GGML_ABORT|fatal error|what\(\)|error", re.IGNORECASE)
+
+
+def ensure_loadable(meta: ModelMetadata, **llama_kwargs: Any) -> None:
+    """Raise ModelFileError unless llama.cpp loads `meta.path` with these settings (backend.open_llama's keyword
+    arguments; n_ctx is lowered to PROBE_CTX) and generates a token, in a child process. Remembered per file."""
+    settings = {**llama_kwargs, "n_ctx": min(int(llama_kwargs.get("n_ctx", PROBE_CTX)), PROBE_CTX)}
+    settings["n_batch"] = min(int(settings.get("n_batch", PROBE_CTX)), PROBE_CTX)
+    settings["n_ubatch"] = min(int(settings.get("n_ubatch", PROBE_CTX)), settings["n_batch"])
+    key = _identity(meta, settings)
+    verdict = verdicts.recall("load", key)
+    if verdict is None:
+        error, definite = _probe(meta.path, settings)
+        if definite:
+            verdicts.remember("load", key, ok=error is None, error=error or "")
+    else:
+        error = None if verdict["ok"] else verdict["error"]
+    if error is not None:
+        raise ModelFileError(error, meta.path)
+
+
+def _identity(meta: ModelMetadata, settings: dict[str, Any]) -> str:
+    import llama_cpp
+
+    path = meta.path.resolve()
+    stat = path.stat()
+    digest = hashlib.sha256()
+    chosen = {k: v for k, v in settings.items() if k != "n_threads"}  # threads never change what llama.cpp runs
+    digest.update(json.dumps([PROBE_FORMAT, llama_cpp.__version__, str(path), stat.st_size, stat.st_mtime_ns,
+                              sorted(chosen.items())]).encode())
+    try:
+        with open(path, "rb") as f:
+            digest.update(f.read(min(meta.header.data_offset, HEADER_HASH_CAP)))
+            data = stat.st_size - meta.header.data_offset
+            for i in range(SAMPLES):
+                f.seek(meta.header.data_offset + data * i // SAMPLES)
+                digest.update(f.read(SAMPLE_BYTES))
+    except OSError as exc:
+        raise ModelFileError(f"cannot read the model file ({exc.strerror or exc})", meta.path) from None
+    return digest.hexdigest()
+
+
+def _probe(path: Path, settings: dict[str, Any]) -> tuple[str | None, bool]:
+    """(None or the reason it failed, whether the outcome is definite enough to remember)."""
+    cmd = [sys.executable, "-m", "localqwen.probe", str(path), json.dumps(settings)]
+    env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # no gdb attaching to the aborting child
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=PROBE_TIMEOUT_S,
+                                env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return f"llama.cpp did not finish loading the model within {PROBE_TIMEOUT_S:g} s (probe)", False
+    if result.returncode == 0:
+        return None, True
+    said = result.stdout.strip().splitlines()
+    if result.returncode in (2, 3) and said:
+        return said[-1], True
+    if result.returncode < 0:
+        how = f"crashes llama.cpp ({signal.Signals(-result.returncode).name}"
+    else:
+        how = f"makes llama.cpp exit with status {result.returncode} ("
+    clues = [line for line in result.stderr.splitlines() if ERROR_LINE.search(line)]
+    detail = re.sub(r"^\S*/", "", clues[-1].strip())[:160] if clues else "no message"
+    # A crash is a property of the file; a killed child (out of memory: SIGKILL) or a Python error may not be.
+    definite = result.returncode < 0 and result.returncode != -signal.SIGKILL
+    sep = ": " if result.returncode < 0 else ""
+    return f"{how}{sep}{detail}) when loaded: refusing to load it", definite
+
+
+def _child(path: str, settings: dict[str, Any]) -> int:
+    import numpy as np
+
+    from localqwen.backend import open_llama
+
+    try:
+        llama = open_llama(path, **settings)
+    except (ValueError, RuntimeError) as exc:
+        print(f"llama.cpp could not load the model ({exc})")
+        return 2
+    tokens = llama.tokenize(PROBE_PROMPT.encode(), add_bos=False, special=True)
+    llama.eval(tokens)
+    logits = np.asarray(llama.scores[llama.n_tokens - 1])
+    if not np.isfinite(logits).all():
+        print("the model's output is not finite numbers (NaN or infinite weights?)")
+        return 3
+    token = llama.sample(temp=0.6, top_k=20, top_p=0.95, min_p=0.0)
+    llama.detokenize([token])
+    llama.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1], json.loads(sys.argv[2])))
