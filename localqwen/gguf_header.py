@@ -49,6 +49,7 @@ class ArrayInfo:
     item_type: gguf.GGUFValueType
     count: int
     offset: int  # where its first element starts in the file
+    size: int  # bytes its elements take
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class _Cursor:
             self.skip_strings(n)
         else:
             raise self.fail("arrays of arrays are not supported")
-        return ArrayInfo(item, n, start)
+        return ArrayInfo(item, n, start, self.pos - start)
 
     def skip_strings(self, n: int) -> None:
         """Step over n strings (a vocabulary: 150k of them) with bounds checks, without decoding them."""

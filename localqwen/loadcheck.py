@@ -17,6 +17,7 @@ docs/hostile-files.md):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import struct
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType, TokenType
 
+from localqwen import verdicts
 from localqwen.constants import ENDOFTEXT_ID
 from localqwen.errors import BadRequest, ModelFileError
 from localqwen.gguf_header import ArrayInfo
@@ -50,6 +52,7 @@ MATRIX_TYPES = frozenset({
 })
 
 V = GGUFValueType
+VOCABULARY_CHECK_FORMAT = 1  # part of the remembered verdict's key: bump when the vocabulary rules change
 Check = Callable[[Any, ModelMetadata], str | None]  # None when fine, else what is wrong
 
 
@@ -159,6 +162,7 @@ GENERAL_RULES = {
 # Namespaces llama.cpp interprets: a key there that no rule names is refused. (Split files make llama.cpp open
 # sibling files by a name pattern; localqwen loads single files.)
 STRICT_PREFIXES = ("tokenizer.", "split.")
+NAMED_TEMPLATE_PREFIX = Keys.Tokenizer.CHAT_TEMPLATE + "."
 
 
 def check_metadata(meta: ModelMetadata) -> None:
@@ -166,6 +170,8 @@ def check_metadata(meta: ModelMetadata) -> None:
     not have. `meta.architecture` is the expected one (the caller checked it)."""
     header, arch_prefix = meta.header, f"{meta.architecture}."
     rules = {**GENERAL_RULES, **TOKENIZER_RULES, **{arch_prefix + key: rule for key, rule in ARCH_RULES.items()}}
+    # Named chat templates (gguf-py writes tokenizer.chat_template.<name> beside the default one).
+    rules |= {key: Rule(V.STRING) for key in header.metadata if key.startswith(NAMED_TEMPLATE_PREFIX)}
     for key in header.metadata:
         if key not in rules and key.startswith((arch_prefix, *STRICT_PREFIXES)):
             raise ModelFileError(f"metadata {key} is not used by a {meta.architecture} model; llama.cpp would act on "
@@ -201,15 +207,37 @@ def check_tensors(meta: ModelMetadata, expected: set[str]) -> None:
 
 
 def check_vocabulary(meta: ModelMetadata) -> None:
-    """Every token non-empty, valid UTF-8 and unique; known token types; Qwen3's added tokens where they belong."""
-    tokens = meta.header.metadata[Keys.Tokenizer.LIST]
-    types = meta.header.metadata[Keys.Tokenizer.TOKEN_TYPE]
+    """Every token non-empty, valid UTF-8 and unique; known token types; Qwen3's added tokens where they belong; every
+    merge joins two tokens into a third; special-token ids naming control tokens."""
+    values = meta.header.metadata
+    tokens, types, merges = (values[k] for k in (Keys.Tokenizer.LIST, Keys.Tokenizer.TOKEN_TYPE, Keys.Tokenizer.MERGES))
     first_added, n_added = ENDOFTEXT_ID, len(ADDED_TOKENS)
     if meta.n_vocab < first_added + n_added:
         raise ModelFileError(f"the vocabulary has {meta.n_vocab} tokens; Qwen3's has {first_added + n_added} or more",
                              meta.path)
-    texts = _read_strings(meta, tokens)
     kinds = _read_int32s(meta, types)
+    # Decoding 300k strings takes ~0.2 s: a vocabulary that passed once (every GGUF of this model has the same one)
+    # is remembered by the hash of its bytes.
+    key = _arrays_hash(meta, (tokens, types, merges))
+    if key is None or verdicts.recall("vocabulary", key) is None:
+        _check_texts(meta, tokens, kinds, merges)
+        if key is not None:
+            verdicts.remember("vocabulary", key, ok=True)
+    for key_name in SPECIAL_TOKEN_KEYS:
+        token_id = values.get(key_name)
+        if token_id is not None and kinds[token_id] != TokenType.CONTROL:
+            raise ModelFileError(f"metadata {key_name} = {token_id} names a token of type {int(kinds[token_id])}, not "
+                                 "a control token", meta.path)
+    scores = values.get(Keys.Tokenizer.SCORES)
+    if scores is not None and _length(scores) != meta.n_vocab:
+        raise ModelFileError(f"tokenizer.ggml.scores has {_length(scores)} entries for {meta.n_vocab} tokens",
+                             meta.path)
+
+
+def _check_texts(meta: ModelMetadata, tokens: ArrayInfo | list[str], kinds: np.ndarray,
+                 merges: ArrayInfo | list[str]) -> None:
+    first_added, n_added = ENDOFTEXT_ID, len(ADDED_TOKENS)
+    texts = _read_strings(meta, tokens)
     seen: set[str] = set()
     for i, text in enumerate(texts):
         if not text or text in seen:
@@ -230,17 +258,27 @@ def check_vocabulary(meta: ModelMetadata) -> None:
         bad = first_added + n_added + int(np.argmax(tail != TokenType.UNUSED))
         raise ModelFileError(f"token {bad} after the added tokens has type {int(kinds[bad])}, not UNUSED (padding)",
                              meta.path)
-    for key in SPECIAL_TOKEN_KEYS:
-        token_id = meta.header.metadata.get(key)
-        if token_id is not None and kinds[token_id] != TokenType.CONTROL:
-            raise ModelFileError(f"metadata {key} = {token_id} names {texts[token_id][:40]!r}, not a control token",
-                                 meta.path)
-    scores = meta.header.metadata.get(Keys.Tokenizer.SCORES)
-    if scores is not None and _length(scores) != meta.n_vocab:
-        raise ModelFileError(f"tokenizer.ggml.scores has {_length(scores)} entries for {meta.n_vocab} tokens",
-                             meta.path)
-    if not _length(meta.header.metadata[Keys.Tokenizer.MERGES]):
+    merge_texts = _read_strings(meta, merges, "merge")
+    if not merge_texts:
         raise ModelFileError("tokenizer.ggml.merges is empty", meta.path)
+    for i, merge in enumerate(merge_texts):
+        # llama.cpp splits at the first space after the first character; BPE merges two tokens into a third.
+        right_start = merge.find(" ", 1)
+        left, right = merge[:right_start], merge[right_start + 1:]
+        if right_start < 0 or not right or left not in seen or right not in seen or left + right not in seen:
+            raise ModelFileError(f"merge {i} ({merge[:40]!r}) does not join two tokens of the vocabulary into a third",
+                                 meta.path)
+
+
+def _arrays_hash(meta: ModelMetadata, arrays: tuple[ArrayInfo | list[Any], ...]) -> str | None:
+    if not all(isinstance(a, ArrayInfo) for a in arrays):
+        return None  # small arrays (not a real vocabulary): checked every time
+    digest = hashlib.sha256(f"{VOCABULARY_CHECK_FORMAT} {meta.n_vocab}".encode())
+    with _mapped(meta) as buf:
+        for array in arrays:
+            assert isinstance(array, ArrayInfo)
+            digest.update(buf[array.offset:array.offset + array.size])
+    return digest.hexdigest()
 
 
 def _length(value: ArrayInfo | list[Any]) -> int:
@@ -255,7 +293,7 @@ def _mapped(meta: ModelMetadata) -> mmap.mmap:
         raise ModelFileError(f"cannot read the model file ({exc.strerror or exc})", meta.path) from None
 
 
-def _read_strings(meta: ModelMetadata, value: ArrayInfo | list[str]) -> list[str]:
+def _read_strings(meta: ModelMetadata, value: ArrayInfo | list[str], what: str = "token") -> list[str]:
     """The strings of an array: decoded from the file when the header reader skipped them (bounds already checked)."""
     if isinstance(value, list):
         return value
@@ -267,7 +305,7 @@ def _read_strings(meta: ModelMetadata, value: ArrayInfo | list[str]) -> list[str
             try:
                 out.append(buf[pos + 8:pos + 8 + length].decode("utf-8"))
             except UnicodeDecodeError:
-                raise ModelFileError(f"token {len(out)} is not valid UTF-8", meta.path) from None
+                raise ModelFileError(f"{what} {len(out)} is not valid UTF-8", meta.path) from None
             pos += 8 + length
     return out
 
