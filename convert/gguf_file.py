@@ -23,7 +23,7 @@ from localqwen.constants import GGUF_ARCH
 from localqwen.errors import CheckpointError
 
 from .checkpoint import SAFETENSORS_DTYPE_SIZES, Checkpoint
-from .source_files import generation_config
+from .source_files import generation_config, quiet_gguf
 from .vocab import add_tokenizer
 
 # Output types gguf-py writes itself; everything else goes through llama.cpp's quantizer (quantize.py).
@@ -131,7 +131,8 @@ class FloatGGUF:
         total, shared, expert, expert_count = self.writer.get_total_parameter_count()
         # gguf-py reads the model card, config.json and generation_config.json again; checkpoint.load_checkpoint
         # validated each of them first.
-        self.metadata = gguf.Metadata.load(None, checkpoint.folder, None, total)
+        with quiet_gguf():
+            self.metadata = gguf.Metadata.load(None, checkpoint.folder, None, total)
         if self.metadata.name is None:
             self.metadata.name = checkpoint.folder.name
         self.folder = checkpoint.folder

@@ -11,11 +11,14 @@ some of these files itself: `check_side_files` validates each one it may read be
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -257,3 +260,18 @@ def check_side_files(folder: Path, chat_template_limit: int = MAX_TEMPLATE) -> N
             raise CheckpointError(f"holds more than {MAX_EXTRA_TEMPLATES} templates", extra)
         for template in templates:
             read_text(template, chat_template_limit)
+
+
+@contextlib.contextmanager
+def quiet_gguf() -> Iterator[None]:
+    """gguf-py logs a warning for each field it ignores; with the files validated first, those are noise that would
+    break the one-line error."""
+    loggers = [logging.getLogger(name) for name in ("gguf", "metadata")]  # gguf-py's metadata module logs as "metadata"
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -17,7 +17,7 @@ from localqwen.errors import CheckpointError
 from localqwen.template_check import check_template
 
 from .checkpoint import Checkpoint
-from .source_files import TOKENIZER_CONFIG_LIMIT, TOKENIZER_LIMIT, read_json_object
+from .source_files import TOKENIZER_CONFIG_LIMIT, TOKENIZER_LIMIT, quiet_gguf, read_json_object
 
 # The pre-tokenizer regex of Qwen2/Qwen3; llama.cpp implements it under the name "qwen2".
 QWEN2_PRETOKENIZER_REGEX = (
@@ -83,7 +83,12 @@ def read_vocab(checkpoint: Checkpoint, tokenizer: Any) -> tuple[list[str], list[
 def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> None:
     tokenizer_path = checkpoint.folder / "tokenizer.json"
     tokenizer = read_json_object(tokenizer_path, TOKENIZER_LIMIT)
-    read_json_object(checkpoint.folder / "tokenizer_config.json", TOKENIZER_CONFIG_LIMIT)  # gguf-py reads it next
+    config_path = checkpoint.folder / "tokenizer_config.json"
+    template = read_json_object(config_path, TOKENIZER_CONFIG_LIMIT).get("chat_template")  # gguf-py reads it next
+    if template is not None and not (isinstance(template, str) or isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template)):
+        raise CheckpointError("chat_template must be text or a list of named templates", config_path)
     tokens, types = read_vocab(checkpoint, tokenizer)
     if len(set(tokens)) != len(tokens):  # llama.cpp asserts every token text is unique
         raise CheckpointError("holds the same token text under two ids", tokenizer_path)
@@ -97,15 +102,16 @@ def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> None:
         # gguf-py trusts the layout of tokenizer.json and tokenizer_config.json; any surprise is a malformed file.
         raise CheckpointError(f"tokenizer files hold something gguf-py cannot use ({' '.join(str(exc).split())[:120]})",
                               tokenizer_path) from None
-    template = special.chat_template
+    template: Any = special.chat_template
     if isinstance(template, list):  # named templates: the default one is what localqwen renders
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
                         None)
-    check_template(template if isinstance(template, str) else None, checkpoint.folder / "tokenizer_config.json")
+    check_template(template if isinstance(template, str) else None, config_path)
 
 
 def _special_vocab(writer: gguf.GGUFWriter, checkpoint: Checkpoint, tokenizer: dict) -> gguf.SpecialVocab:
-    special = gguf.SpecialVocab(Path(checkpoint.folder), load_merges=True)
+    with quiet_gguf():
+        special = gguf.SpecialVocab(Path(checkpoint.folder), load_merges=True)
     # llama.cpp's own gguf-py (newer than the 0.19.0 release) says a ByteLevel post-processor adds neither BOS nor
     # EOS, so its converter writes add_bos_token and add_eos_token = false; do the same.
     post = tokenizer.get("post_processor") or {}

@@ -113,11 +113,7 @@ def _render_probes(template: str) -> str | None:
     for i, (messages, tools) in enumerate(PROBES, 1):
         try:
             rendered = "".join(s.text for s in render_chat(template, messages, specials, tools=tools))
-        except RecursionError:
-            return f"the chat template recurses too deeply (probe conversation {i})"
-        except MemoryError:
-            return f"the chat template exhausted the probe's memory limit (probe conversation {i})"
-        except Exception as exc:  # untrusted code: every failure is the template's
+        except Exception as exc:  # untrusted code: every failure is the template's (render_chat names most)
             detail = " ".join(str(exc).split())[:200].removeprefix("the chat template failed: ")
             if not isinstance(exc, LocalqwenError):
                 detail = f"{type(exc).__name__}: {detail}"
