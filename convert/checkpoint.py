@@ -51,6 +51,7 @@ CONFIG_LIMITS = {"hidden_size": LIMITS["embedding_length"], "intermediate_size":
                  "num_key_value_heads": LIMITS["head_count_kv"], "head_dim": LIMITS["key_length"],
                  "max_position_embeddings": LIMITS["context_length"], "vocab_size": MAX_ARRAY}
 FLOAT_LIMITS = {"rms_norm_eps": 1.0, "rope_theta": 1e12}  # exclusive of 0, as loadcheck's ranges
+MAX_TENSOR_NAME = 256
 
 
 def read_hparams(config: dict[str, Any], path: Path) -> Hparams:
@@ -58,7 +59,7 @@ def read_hparams(config: dict[str, Any], path: Path) -> Hparams:
     if not isinstance(architectures, list):
         architectures = [architectures]
     if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
-        found = ", ".join(map(str, architectures)) or "none"
+        found = ", ".join(map(repr, architectures))[:120] or "none"
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
         raise CheckpointError(f"architecture {found} is not supported (supported: {supported})", path)
     # transformers 5.x moved rope_theta under rope_parameters; accept both styles.
@@ -112,7 +113,9 @@ def shard_files(folder: Path) -> dict[Path, set[str]]:
         raise CheckpointError(f"lists {len(weight_map)} tensors, more than {MAX_TENSORS}", index_path)
     shards: dict[Path, set[str]] = {}
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or Path(shard).name != shard:
+        if not name.isprintable() or len(name) > MAX_TENSOR_NAME:
+            raise CheckpointError(f"weight_map holds an invalid tensor name {name[:80]!r}", index_path)
+        if not isinstance(shard, str) or not shard.isprintable() or Path(shard).name != shard:
             raise CheckpointError(f"weight_map entry {name!r} names an invalid shard {shard!r}", index_path)
         shards.setdefault(folder / shard, set()).add(name)
     for path in shards:
@@ -146,6 +149,8 @@ def read_shard(path: Path) -> dict[str, LocalTensor]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        if not name.isprintable() or len(name) > MAX_TENSOR_NAME:  # names end up in one-line errors
+            raise CheckpointError(f"corrupt safetensors header (tensor name {name[:80]!r})", path)
         fields = entry if isinstance(entry, dict) else {}
         shape, offsets = fields.get("shape"), fields.get("data_offsets")
         if not (isinstance(shape, list) and len(shape) <= 8 and isinstance(offsets, list) and len(offsets) == 2

@@ -55,7 +55,7 @@ def read_vocab(checkpoint: Checkpoint, tokenizer: Any) -> tuple[list[str], list[
     by_id: dict[int, tuple[str, gguf.TokenType]] = {}
     for token, token_id in model["vocab"].items():
         if not token or not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_size:
-            raise CheckpointError(f"vocabulary entry {token[:40]!r}: {str(token_id)[:20]} is not a token id under "
+            raise CheckpointError(f"vocabulary entry {token[:40]!r}: {repr(token_id)[:20]} is not a token id under "
                                   f"vocab_size {vocab_size} of config.json", path)
         by_id[token_id] = (token, gguf.TokenType.NORMAL)
     added_tokens = tokenizer.get("added_tokens", [])

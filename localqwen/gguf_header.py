@@ -154,8 +154,8 @@ class _Cursor:
 
 def _tensor_info(cur: _Cursor) -> TensorInfo:
     name = cur.string()
-    if not name or len(name.encode()) > MAX_NAME:
-        raise cur.fail(f"tensor name {name[:80]!r} is empty or longer than {MAX_NAME} bytes")
+    if not name or len(name.encode()) > MAX_NAME or not name.isprintable():
+        raise cur.fail(f"tensor name {name[:80]!r} is empty, longer than {MAX_NAME} bytes or not printable")
     n_dims = cur.unpack("<I")
     if not 1 <= n_dims <= MAX_DIMS:
         raise cur.fail(f"tensor {name} has {n_dims} dimensions")
@@ -197,8 +197,8 @@ def read_header(path: Path | str) -> GGUFHeader:
         types: dict[str, tuple[gguf.GGUFValueType, gguf.GGUFValueType | None]] = {}
         for _ in range(n_kv):
             key = cur.string()
-            if not key or len(key.encode()) > MAX_KEY:
-                raise cur.fail(f"metadata key {key[:80]!r} is empty or longer than {MAX_KEY} bytes")
+            if not key or len(key.encode()) > MAX_KEY or not key.isprintable():  # keys end up in one-line errors
+                raise cur.fail(f"metadata key {key[:80]!r} is empty, longer than {MAX_KEY} bytes or not printable")
             if key in metadata:
                 raise cur.fail(f"duplicate metadata key {key}")
             kind = cur.value_type()

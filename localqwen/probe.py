@@ -89,17 +89,20 @@ def _probe(path: Path, settings: dict[str, Any]) -> tuple[str | None, bool]:
         return None, True
     said = result.stdout.strip().splitlines()
     if result.returncode in (2, 3) and said:
-        return said[-1], True
-    if result.returncode < 0:
-        how = f"crashes llama.cpp ({signal.Signals(-result.returncode).name}"
-    else:
-        how = f"makes llama.cpp exit with status {result.returncode} ("
+        return "".join(ch if ch.isprintable() else "?" for ch in said[-1]), True
+    if result.returncode == -signal.SIGKILL:
+        return "llama.cpp was killed while loading the model in the probe (SIGKILL: out of memory?)", False
     clues = [line for line in result.stderr.splitlines() if ERROR_LINE.search(line)]
     detail = re.sub(r"^\S*/", "", clues[-1].strip())[:160] if clues else "no message"
-    # A crash is a property of the file; a killed child (out of memory: SIGKILL) or a Python error may not be.
-    definite = result.returncode < 0 and result.returncode != -signal.SIGKILL
-    sep = ": " if result.returncode < 0 else ""
-    return f"{how}{sep}{detail}) when loaded: refusing to load it", definite
+    detail = "".join(ch if ch.isprintable() else "?" for ch in detail)
+    if result.returncode < 0:  # a crash is a property of the file: remembered
+        try:
+            name = signal.Signals(-result.returncode).name
+        except ValueError:
+            name = f"signal {-result.returncode}"
+        return f"crashes llama.cpp ({name}: {detail}) when loaded: refusing to load it", True
+    # A Python error in the child (out of memory, say) may not be the file's doing: not remembered.
+    return f"the load probe failed (exit status {result.returncode}: {detail})", False
 
 
 def _child(path: str, settings: dict[str, Any]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,20 @@ from localqwen.synthetic import QwenShape, write_checkpoint
 # and head_dim differs from hidden_size / heads as in the real model.
 QUANT_SHAPE = QwenShape(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=64)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The run's store, chat history and remembered probe verdicts live in a temporary home, never the user's (tests
+    that need their own home still set LOCALQWEN_HOME themselves)."""
+    before = os.environ.get("LOCALQWEN_HOME")
+    home = tmp_path_factory.mktemp("home")
+    os.environ["LOCALQWEN_HOME"] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop("LOCALQWEN_HOME", None)
+    else:
+        os.environ["LOCALQWEN_HOME"] = before
 
 
 @pytest.fixture(scope="session")

@@ -323,6 +323,8 @@ def shard_cases() -> list[Case]:
             sorted(k for k in h if k != "__metadata__")[0]))),
         Case("shards/header not UTF-8", False, edit_header(lambda h: b'{"\xff": 1}')),
         Case("shards/header NaN", False, edit_header(lambda h: b'{"a": NaN}')),
+        Case("shards/tensor name with a newline", False, edit_header(lambda h: h.__setitem__(
+            "model.x\nError: forged", dict(tensor_entry(h))))),
         Case("shards/metadata entry", True, edit_header(lambda h: h.__setitem__("__metadata__", {"format": "pt"}))),
     ]
 

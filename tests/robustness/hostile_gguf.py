@@ -306,6 +306,8 @@ def metadata_type_cases() -> list[Case]:
                                     ("tokenizer.chat_template.tool_use", "{{ messages }}", V.STRING, None)):
         c.append(Case(f"metadata_types/extra {key}", True, _set(key, value, vtype, item)))
     c.append(Case("metadata_types/empty_key", False, _set("", 1, V.UINT32)))
+    c.append(Case("metadata_types/key with a newline", False, _set("general.a\nError: forged", 1, V.UINT32)))
+    c.append(Case("metadata_types/key with an escape", False, _set("general.\x1b[2Jx", 1, V.UINT32)))
     c.append(Case("metadata_types/duplicate_key", False, lambda d: d.fields.append(d.get("general.name")) or d))
     c.append(Case("metadata_types/nested_array", False, lambda d: _raw_field(d, "general.nested", struct.pack(
         "<IIQIQ", V.ARRAY, V.ARRAY, 1, V.UINT8, 0))))
