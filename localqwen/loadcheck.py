@@ -236,38 +236,41 @@ def check_vocabulary(meta: ModelMetadata) -> None:
 
 def _check_texts(meta: ModelMetadata, tokens: ArrayInfo | list[str], kinds: np.ndarray,
                  merges: ArrayInfo | list[str]) -> None:
+    # Compared as bytes (equal bytes, equal texts for valid UTF-8): decoding 300k strings one by one is the slow part.
     first_added, n_added = ENDOFTEXT_ID, len(ADDED_TOKENS)
-    texts = _read_strings(meta, tokens)
-    seen: set[str] = set()
-    for i, text in enumerate(texts):
-        if not text or text in seen:
-            raise ModelFileError(f"token {i} is {'empty' if not text else f'a duplicate of another ({text[:40]!r})'};"
-                                 " llama.cpp needs every token text unique", meta.path)
-        seen.add(text)
+    texts = _read_raw_strings(meta, tokens, "token")
+    seen = set(texts)
+    if len(seen) != len(texts) or b"" in seen:
+        bad = next(i for i, text in enumerate(texts) if not text or texts.index(text) != i)
+        what = "empty" if not texts[bad] else f"a duplicate of another ({texts[bad][:40].decode()!r})"
+        raise ModelFileError(f"token {bad} is {what}; llama.cpp needs every token text unique", meta.path)
     if np.any(kinds[:first_added] != TokenType.NORMAL):
         bad = int(np.argmax(kinds[:first_added] != TokenType.NORMAL))
         raise ModelFileError(f"token {bad} of the base vocabulary has type {int(kinds[bad])}, not NORMAL", meta.path)
     for offset, text in enumerate(ADDED_TOKENS):
         token_id = first_added + offset
         want = TokenType.USER_DEFINED if text in NOT_SPECIAL else TokenType.CONTROL
-        if texts[token_id] != text or kinds[token_id] != want:
-            raise ModelFileError(f"token {token_id} must be {text!r} of type {want.name}, got {texts[token_id][:40]!r} "
-                                 f"of type {int(kinds[token_id])}", meta.path)
+        if texts[token_id] != text.encode() or kinds[token_id] != want:
+            raise ModelFileError(f"token {token_id} must be {text!r} of type {want.name}, got "
+                                 f"{texts[token_id][:40].decode()!r} of type {int(kinds[token_id])}", meta.path)
     tail = kinds[first_added + n_added:]
     if np.any(tail != TokenType.UNUSED):
         bad = first_added + n_added + int(np.argmax(tail != TokenType.UNUSED))
         raise ModelFileError(f"token {bad} after the added tokens has type {int(kinds[bad])}, not UNUSED (padding)",
                              meta.path)
-    merge_texts = _read_strings(meta, merges, "merge")
+    merge_texts = _read_raw_strings(meta, merges, "merge")
     if not merge_texts:
         raise ModelFileError("tokenizer.ggml.merges is empty", meta.path)
-    for i, merge in enumerate(merge_texts):
-        # llama.cpp splits at the first space after the first character; BPE merges two tokens into a third.
-        right_start = merge.find(" ", 1)
-        left, right = merge[:right_start], merge[right_start + 1:]
-        if right_start < 0 or not right or left not in seen or right not in seen or left + right not in seen:
-            raise ModelFileError(f"merge {i} ({merge[:40]!r}) does not join two tokens of the vocabulary into a third",
-                                 meta.path)
+    # llama.cpp splits a merge at its first space after the first character; a byte-level vocabulary has no literal
+    # spaces, so that is the first space. BPE merges two tokens of the vocabulary into a third. (Set operations in C:
+    # a Python loop over 150k merges is most of the check's time.)
+    parts = [merge.partition(b" ") for merge in merge_texts]
+    if not (all(space for _, space, _ in parts) and {left for left, _, _ in parts} <= seen
+            and {right for _, _, right in parts} <= seen and {left + right for left, _, right in parts} <= seen):
+        bad = next(i for i, (left, space, right) in enumerate(parts)
+                   if not space or left not in seen or right not in seen or left + right not in seen)
+        raise ModelFileError(f"merge {bad} ({merge_texts[bad][:40].decode()!r}) does not join two tokens of the "
+                             "vocabulary into a third", meta.path)
 
 
 def _arrays_hash(meta: ModelMetadata, arrays: tuple[ArrayInfo | list[Any], ...]) -> str | None:
@@ -293,21 +296,32 @@ def _mapped(meta: ModelMetadata) -> mmap.mmap:
         raise ModelFileError(f"cannot read the model file ({exc.strerror or exc})", meta.path) from None
 
 
-def _read_strings(meta: ModelMetadata, value: ArrayInfo | list[str], what: str = "token") -> list[str]:
-    """The strings of an array: decoded from the file when the header reader skipped them (bounds already checked)."""
+def _read_raw_strings(meta: ModelMetadata, value: ArrayInfo | list[str], what: str) -> list[bytes]:
+    """An array's strings as bytes, each valid UTF-8 (bounds were checked by the header reader)."""
     if isinstance(value, list):
-        return value
-    out: list[str] = []
+        return [text.encode() for text in value]
+    out: list[bytes] = []
+    append, length_at = out.append, struct.Struct("<Q").unpack_from
     with _mapped(meta) as buf:
-        pos, length_at = value.offset, struct.Struct("<Q").unpack_from
+        pos = value.offset
         for _ in range(value.count):
             length = length_at(buf, pos)[0]
-            try:
-                out.append(buf[pos + 8:pos + 8 + length].decode("utf-8"))
-            except UnicodeDecodeError:
-                raise ModelFileError(f"{what} {len(out)} is not valid UTF-8", meta.path) from None
+            append(buf[pos + 8:pos + 8 + length])
             pos += 8 + length
+    try:  # all at once: a newline between them keeps a broken sequence from pairing with the next string
+        b"\n".join(out).decode("utf-8")
+    except UnicodeDecodeError:
+        bad = next(i for i, raw in enumerate(out) if not _is_utf8(raw))
+        raise ModelFileError(f"{what} {bad} is not valid UTF-8", meta.path) from None
     return out
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _read_int32s(meta: ModelMetadata, value: ArrayInfo | list[int]) -> np.ndarray:

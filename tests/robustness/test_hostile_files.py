@@ -37,6 +37,7 @@ EVERYTHING = os.environ.get("LOCALQWEN_HOSTILE") == "all"
 SEED = int(os.environ.get("LOCALQWEN_HOSTILE_SEED", "19"))
 PER_CLASS = int(os.environ.get("LOCALQWEN_HOSTILE_PER_CLASS", "2"))
 TIME_BOUND_S = 90  # per command; the slowest refusal is a chat template probe timing out at 10 s
+INFO_BOUND_S = 15  # `info` on a file no template probe is needed for: Python's start and the checks, on a busy box
 LOCALQWEN = [sys.executable, "-m", "localqwen"]
 LOAD = ("import sys\nfrom localqwen import LocalqwenError, Model\ntry:\n"
         "    Model.load(sys.argv[1], n_ctx=256).close()\nexcept LocalqwenError as exc:\n"
@@ -115,6 +116,8 @@ def test_hostile_gguf(case: hostile_gguf.Case, base_doc: GGUFDoc, home: Path, tm
         results |= {label: future.result() for label, future in futures.items()}
     for label, (result, _seconds) in results.items():
         check_outcome(f"{case.name} [{label}]", result, case.fine, str(path))
+    if case.klass in ("limits", "metadata_types", "tensors"):  # the reader and checks are bounded in time too
+        assert results["info"][1] < INFO_BOUND_S, f"{case.name}: info took {results['info'][1]:.1f} s"
     if case.fine:
         json.loads(results["info --json"][0].stdout)
     assert not leftovers(cwd, home), f"{case.name}: left behind {leftovers(cwd, home)}"
