@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ SHAPES = {"4b": QWEN3_4B, "0.6b": QWEN3_0_6B, "tiny": TINY}
 MODEL_NAMES = {"4b": "Qwen3-4B-Thinking-2507", "0.6b": "Qwen3-0.6B-Synthetic", "tiny": "Qwen3-Tiny-Synthetic"}
 # The text the quality and inference benchmarks read: the model card and config the project started from.
 SEEDS = REPO.parent / "shared" / "seeds"
-LLAMA_CPP_VERSION = "0.3.36"
+# The installed llama-cpp-python: its sdist's vendor/llama.cpp is the llama.cpp localqwen runs on.
+LLAMA_CPP_VERSION = metadata.version("llama-cpp-python")
 GiB, MiB = 1 << 30, 1 << 20
 
 
@@ -185,8 +187,6 @@ def machine() -> dict[str, Any]:
     """Where the numbers came from, and how busy the machine was while they were taken."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    from importlib import metadata
-
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     return {"cpu": cpu, "cores": psutil.cpu_count(logical=False), "threads": psutil.cpu_count(),

@@ -32,7 +32,7 @@ STEPS = ["read_metadata", "static_first", "static_remembered", "template_known",
 
 def child(path_text: str) -> None:
     """One round, in this fresh process; prints the seconds per step as JSON."""
-    from localqwen.backend import open_llama
+    from localqwen.backend import load_model, new_context
     from localqwen.metadata import read_metadata
     from localqwen.model import GGML_KV_TYPE_IDS, Model, default_threads
     from localqwen.modelcheck import check_model
@@ -57,12 +57,21 @@ def child(path_text: str) -> None:
     timed("template_probe_first", check_template, other, path)
     timed("template_remembered", check_template, other, path)
     plan, _ = choose_plan(shape_of(meta), N_CTX, kv_type="f16", flash_attn=None, gpu_layers="auto", max_ctx=None)
-    settings = dict(n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, n_gpu_layers=plan.gpu_layers,
-                    flash_attn=plan.flash_attn, type_k=GGML_KV_TYPE_IDS[plan.kv_type],
-                    type_v=GGML_KV_TYPE_IDS[plan.kv_type], n_threads=default_threads())
+    kv_type = GGML_KV_TYPE_IDS[plan.kv_type]
+    settings = dict(gpu_layers=plan.gpu_layers, n_seq_max=plan.n_seq, flash_attn=plan.flash_attn, kv_type=kv_type,
+                    n_threads=default_threads())
     timed("load_probe_first", ensure_loadable, meta, **settings)
     timed("load_probe_remembered", ensure_loadable, meta, **settings)
-    timed("llama_load", open_llama, path, **settings).close()
+
+    def llama_load() -> None:  # what Model.load asks of llama.cpp
+        model = load_model(path, gpu_layers=plan.gpu_layers)
+        context = new_context(model, n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch,
+                              n_seq_max=plan.n_seq, flash_attn=plan.flash_attn, kv_type=kv_type,
+                              n_threads=default_threads())
+        context.close()
+        model.close()
+
+    timed("llama_load", llama_load)
     timed("model_load_remembered", Model.load, path, n_ctx=N_CTX).close()
     print(json.dumps(seconds))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -114,3 +115,72 @@ def open_llama(path: Path | str, **kwargs: Any) -> Any:
     overrides = {"use_extra_bufts": False} if amx_repacking() else {}
     with _model_params(**overrides):
         return llama_cpp.Llama(model_path=str(path), **{"verbose": False, **kwargs})
+
+
+def load_model(path: Path | str, *, gpu_layers: int) -> Any:
+    """llama.cpp's model (llama-cpp-python's LlamaModel wrapper, which frees it), safe on every CPU this runs on."""
+    import llama_cpp
+    from llama_cpp import _internals
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)  # llama.cpp's log goes to stderr otherwise
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = gpu_layers
+    if amx_repacking():
+        params.use_extra_bufts = False
+    return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+
+
+def new_context(model: Any, *, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, flash_attn: bool,
+                kv_type: int, n_threads: int) -> Any:
+    """A llama.cpp context for `n_seq_max` sequences sharing one (unified) KV cache of `n_ctx` cells.
+
+    Batches never ask for more than one output (logits row) per sequence, so n_outputs_max = n_seq_max: the
+    output head's compute buffer is sized for that, not for a whole batch of logits (~300 MB for this model).
+    """
+    import llama_cpp
+    from llama_cpp import _internals
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_ubatch
+    params.n_seq_max, params.kv_unified, params.n_outputs_max = n_seq_max, True, n_seq_max
+    params.n_threads, params.n_threads_batch = n_threads, max(n_threads, os.cpu_count() or 1)
+    params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    params.type_k = params.type_v = kv_type
+    return _internals.LlamaContext(model=model, params=params, verbose=False)
+
+
+class Vocab:
+    """Tokenization with llama.cpp's own vocabulary (thread-safe: it only reads the vocabulary)."""
+
+    def __init__(self, model: Any) -> None:
+        import llama_cpp
+
+        self._lib, self._vocab = llama_cpp, model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
+
+    def tokenize(self, text: bytes, *, special: bool) -> list[int]:
+        capacity = len(text) + 8  # byte-level BPE makes at most one token per byte
+        while True:
+            tokens = (self._lib.llama_token * capacity)()
+            n = self._lib.llama_tokenize(self._vocab, text, len(text), tokens, capacity, False, special)
+            if n >= 0:
+                return list(tokens[:n])
+            capacity = -n
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (control tokens are empty unless `special`)."""
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buffer, size, 0, special)
+            if n >= 0:
+                return buffer.raw[:n]
+            size = -n
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> bytes:
+        return b"".join(self.piece(t, special=special) for t in tokens)
+
+    def attributes(self, token: int) -> int:
+        return self._lib.llama_vocab_get_attr(self._vocab, token)

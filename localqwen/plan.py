@@ -21,6 +21,7 @@ from localqwen.errors import BadRequest, LocalqwenError, ModelFileError
 from localqwen.metadata import TIED_OUTPUT, ModelMetadata, read_metadata
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
+MAX_PARALLEL = 64  # sequences in one context (llama.cpp allows 256; beyond this, batches only slow each other)
 # Free memory `n_ctx="auto"` leaves to the rest of the machine.
 MEMORY_MARGIN = 0.15
 MIN_MEMORY_MARGIN = 1 << 30
@@ -122,6 +123,11 @@ class MemoryPlan:
     compute_cpu: int
     compute_gpu: int
     output: int  # logits buffer in host memory (pinned when a GPU holds the output layer)
+    n_seq: int = 1  # sequences sharing the (unified) KV cache; each may use n_ctx_seq of its n_ctx cells
+
+    @property
+    def n_ctx_seq(self) -> int:
+        return self.n_ctx // self.n_seq
 
     @property
     def total_cpu(self) -> int:
@@ -136,7 +142,8 @@ class MemoryPlan:
         return self.total_cpu + self.total_gpu
 
     def to_dict(self) -> dict[str, int | str | bool]:
-        return {**asdict(self), "total_cpu": self.total_cpu, "total_gpu": self.total_gpu, "total": self.total}
+        return {**asdict(self), "n_ctx_seq": self.n_ctx_seq, "total_cpu": self.total_cpu, "total_gpu": self.total_gpu,
+                "total": self.total}
 
 
 def _row_bytes(kv_type: str, n: int) -> int:
@@ -144,7 +151,7 @@ def _row_bytes(kv_type: str, n: int) -> int:
     return n // block_elems * block_bytes
 
 
-def _compute_peaks(shape: ModelShape, n_kv: int, n_tokens: int, flash_attn: bool) -> tuple[int, int]:
+def _compute_peaks(shape: ModelShape, n_kv: int, n_tokens: int, n_outputs: int, flash_attn: bool) -> tuple[int, int]:
     """(repeating-layer peak, output-head peak) of the worst-case graph llama_context::sched_reserve allocates.
 
     ggml-alloc frees each intermediate after its last use, so the buffer is the largest set of tensors alive at one
@@ -160,21 +167,29 @@ def _compute_peaks(shape: ModelShape, n_kv: int, n_tokens: int, flash_attn: bool
         kv_copies = shape.n_head_kv * (shape.head_dim_k + shape.head_dim_v)
         attn = mask + n_kv * n_tokens * shape.n_head * F32 + n_tokens * F32 * (q_out + kv_copies + 3 * shape.n_embd)
     ffn = mask + n_tokens * F32 * (3 * shape.ff + 3 * shape.n_embd + shape.n_head * shape.head_dim_v)
-    # The head runs on n_outputs = min(n_tokens, n_outputs_max = n_batch) rows: logits f32 [n_vocab, n_outputs].
-    head = n_tokens * F32 * (shape.n_vocab + 2 * shape.n_embd)
+    # The head runs on n_outputs = min(n_tokens, n_outputs_max) rows: logits f32 [n_vocab, n_outputs].
+    head = min(n_tokens, n_outputs) * F32 * (shape.n_vocab + 2 * shape.n_embd)
     return max(attn, ffn), head
 
 
 def plan_memory(shape: ModelShape, n_ctx: int, *, kv_type: str = "f16", flash_attn: bool = False, gpu_layers: int = 0,
-                n_batch: int = 512, n_ubatch: int = 512, repack_types: Collection[int] = ()) -> MemoryPlan:
+                n_batch: int = 512, n_ubatch: int = 512, repack_types: Collection[int] = (), n_seq: int = 1,
+                n_outputs_max: int | None = None) -> MemoryPlan:
     """Predict llama.cpp's buffers for one context. gpu_layers counts like n_gpu_layers (output layer first);
-    repack_types: the ggml types this CPU's extra buffer types take (backend.repacked_types())."""
+    repack_types: the ggml types this CPU's extra buffer types take (backend.repacked_types()).
+
+    n_seq > 1: that many sequences share one unified KV cache and each gets n_ctx tokens of it (n_ctx rounded up
+    to whole blocks of 256 cells): the cache holds n_seq x n_ctx cells. n_outputs_max: the most logits rows a batch
+    may ask for (what backend.new_context sets: one per sequence); None is llama.cpp's default, n_batch.
+    """
     if kv_type not in KV_TYPES:
         raise BadRequest(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
     if kv_type != "f16" and not flash_attn:  # llama_context: "quantized V cache ... requires Flash Attention"
         raise BadRequest(f"a {kv_type} KV cache needs flash attention")
-    if n_ctx < 1 or n_batch < 1 or n_ubatch < 1:
-        raise BadRequest(f"context {n_ctx}, batch {n_batch} and ubatch {n_ubatch} must be positive")
+    if n_ctx < 1 or n_batch < 1 or n_ubatch < 1 or n_seq < 1:
+        raise BadRequest(f"context {n_ctx}, batch {n_batch}, ubatch {n_ubatch} and sequences {n_seq} must be positive")
+    if n_seq > 1:
+        n_ctx = -(-n_ctx // CTX_PAD) * CTX_PAD * n_seq
     # llama_context::llama_context: n_batch is clamped by the requested n_ctx *before* n_ctx is padded to 256.
     n_batch = min(n_ctx, n_batch)
     n_ubatch = min(n_batch, n_ubatch)
@@ -190,7 +205,7 @@ def plan_memory(shape: ModelShape, n_ctx: int, *, kv_type: str = "f16", flash_at
                         + _row_bytes(kv_type, shape.n_head_kv * shape.head_dim_v))
     n_on_gpu = sum(on_gpu)
 
-    layer_peak, head_peak = _compute_peaks(shape, n_ctx, n_ubatch, flash_attn)
+    layer_peak, head_peak = _compute_peaks(shape, n_ctx, n_ubatch, n_outputs_max or n_batch, flash_attn)
     # The scheduler runs each op where its weights live; token_embd (get_rows) always stays on the CPU.
     cpu_parts = [n_ubatch * shape.n_embd * F32, layer_peak if n_on_gpu < shape.n_layers else 0]
     gpu_parts = [layer_peak if n_on_gpu else 0]
@@ -199,14 +214,15 @@ def plan_memory(shape: ModelShape, n_ctx: int, *, kv_type: str = "f16", flash_at
     head = shape.head_bytes + shape.head_copy(head_on_gpu, repack_types)
     layers_gpu = sum(shape.layer_bytes[il] for il in range(shape.n_layers) if on_gpu[il])
     return MemoryPlan(
-        n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers, n_batch=n_batch, n_ubatch=n_ubatch,
+        n_ctx=n_ctx, n_seq=n_seq, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers, n_batch=n_batch,
+        n_ubatch=n_ubatch,
         weights_cpu=shape.embd_bytes + sum(shape.layer_bytes) - layers_gpu + (0 if head_on_gpu else head),
         weights_gpu=layers_gpu + (head if head_on_gpu else 0),
         kv_cpu=kv_layer * (shape.n_layers - n_on_gpu), kv_gpu=kv_layer * n_on_gpu,
         compute_cpu=max(cpu_parts), compute_gpu=max(gpu_parts),
-        # llama_context::output_reserve(n_seq_max = 1): one row of f32 logits; it grows only when a batch asks for
-        # more outputs, which localqwen never does (logits for the last token only).
-        output=shape.n_vocab * F32,
+        # llama_context::output_reserve(n_seq_max): a row of f32 logits per sequence; it grows only when a batch
+        # asks for more outputs, which localqwen never does (one per sequence at most).
+        output=shape.n_vocab * F32 * n_seq,
     )
 
 
@@ -234,13 +250,14 @@ def available_memory() -> tuple[int, int | None]:
 
 
 def largest_context(shape: ModelShape, budget_bytes: int, *, kv_type: str, flash_attn: bool, gpu_layers: int = 0,
-                    limit: int | None = None, repack_types: Collection[int] = ()) -> int:
-    """The largest n_ctx (a multiple of 256, at most limit and n_ctx_train) whose plan fits budget_bytes; 0 if none."""
+                    limit: int | None = None, repack_types: Collection[int] = (), n_seq: int = 1) -> int:
+    """The largest n_ctx per sequence (a multiple of 256, at most limit and n_ctx_train) whose plan for n_seq
+    sequences fits budget_bytes; 0 if none."""
     cap = min(limit or shape.n_ctx_train, shape.n_ctx_train)
 
     def fits(n: int) -> bool:
         plan = plan_memory(shape, n, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers,
-                           repack_types=repack_types)
+                           repack_types=repack_types, n_seq=n_seq, n_outputs_max=n_seq)
         return plan.total <= budget_bytes
 
     if cap < CTX_PAD:  # a tiny limit: llama.cpp pads it to 256 cells anyway
@@ -253,12 +270,12 @@ def largest_context(shape: ModelShape, budget_bytes: int, *, kv_type: str, flash
 
 
 def auto_gpu_layers(shape: ModelShape, vram_bytes: int, n_ctx: int, kv_type: str, flash_attn: bool,
-                    repack_types: Collection[int] = ()) -> int:
+                    repack_types: Collection[int] = (), n_seq: int = 1) -> int:
     """As many layers (n_gpu_layers: output layer first, up to n_layers + 1) as fit in VRAM with a reserve."""
     usable = vram_bytes - VRAM_RESERVE - int(vram_bytes * VRAM_RESERVE_FRACTION)
     for layers in range(shape.n_layers + 1, 0, -1):
         plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=layers,
-                           repack_types=repack_types)
+                           repack_types=repack_types, n_seq=n_seq, n_outputs_max=n_seq)
         if plan.total_gpu <= usable:
             return layers
     return 0
@@ -276,13 +293,17 @@ class Memory:
 
 
 def choose_plan(shape: ModelShape, n_ctx: int | str = "auto", *, kv_type: str = "f16", flash_attn: bool | None = None,
-                gpu_layers: int | str = "auto", max_ctx: int | None = None) -> tuple[MemoryPlan, Memory]:
-    """The settings Model.load uses: n_ctx "auto" is the largest context that fits (at most max_ctx), gpu_layers
-    "auto" as many layers as fit in VRAM, flash attention on for a quantized KV cache unless told otherwise."""
+                gpu_layers: int | str = "auto", max_ctx: int | None = None, parallel: int = 1,
+                ) -> tuple[MemoryPlan, Memory]:
+    """The settings Model.load uses, for `parallel` sequences with n_ctx tokens each: n_ctx "auto" is the largest
+    context that fits (at most max_ctx), gpu_layers "auto" as many layers as fit in VRAM, flash attention on for a
+    quantized KV cache unless told otherwise."""
     from localqwen.backend import gpu_offload_supported, repacked_types
 
     if kv_type not in KV_TYPES:
         raise BadRequest(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLEL:
+        raise BadRequest(f"parallel must be a whole number from 1 to {MAX_PARALLEL}, got {parallel!r}")
     flash = kv_type != "f16" if flash_attn is None else flash_attn  # a quantized V cache needs flash attention
     ram, vram = available_memory()
     offload = gpu_offload_supported() and bool(vram)
@@ -294,23 +315,27 @@ def choose_plan(shape: ModelShape, n_ctx: int | str = "auto", *, kv_type: str = 
     if n_ctx == "auto":
         limit = min(max_ctx or shape.n_ctx_train, shape.n_ctx_train)
         n_ctx = largest_context(shape, memory.budget, kv_type=kv_type, flash_attn=flash, gpu_layers=layers,
-                                limit=limit, repack_types=repack)
+                                limit=limit, repack_types=repack, n_seq=parallel)
         if n_ctx == 0:
             raise LocalqwenError("not enough free memory for even a small context")
     elif isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 0 < n_ctx <= shape.n_ctx_train:
         raise BadRequest(f"context {n_ctx} must be between 1 and {shape.n_ctx_train}")
-    if gpu_layers == "auto" and offload and vram:
-        layers = auto_gpu_layers(shape, vram, n_ctx, kv_type, flash, repack)  # what does not fit stays on the CPU
-    return plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash, gpu_layers=layers,
-                       repack_types=repack), memory
+    if gpu_layers == "auto" and offload and vram:  # what does not fit stays on the CPU
+        layers = auto_gpu_layers(shape, vram, n_ctx, kv_type, flash, repack, n_seq=parallel)
+    return plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash, gpu_layers=layers, repack_types=repack,
+                       n_seq=parallel, n_outputs_max=parallel), memory
 
 
 def shortfall(plan: MemoryPlan, memory: Memory) -> str | None:
     """Why `plan` does not fit the free memory, or None when it fits: the one rule for Model.load and `plan`."""
     if plan.total_cpu > memory.ram:
-        return (f"a context of {plan.n_ctx} tokens needs {plan.total_cpu / 2**30:.1f} GiB of memory, "
+        return (f"a context of {plan.n_ctx} tokens{_slots(plan)} needs {plan.total_cpu / 2**30:.1f} GiB of memory, "
                 f"{memory.ram / 2**30:.1f} GiB is free")
     if plan.total_gpu > (memory.vram or 0):
-        return (f"a context of {plan.n_ctx} tokens with {plan.gpu_layers} layers offloaded needs "
+        return (f"a context of {plan.n_ctx} tokens{_slots(plan)} with {plan.gpu_layers} layers offloaded needs "
                 f"{plan.total_gpu / 2**30:.1f} GiB of GPU memory, {(memory.vram or 0) / 2**30:.1f} GiB is free")
     return None
+
+
+def _slots(plan: MemoryPlan) -> str:
+    return f" ({plan.n_seq} x {plan.n_ctx_seq})" if plan.n_seq > 1 else ""

@@ -38,12 +38,14 @@ PROBE_PROMPT = "<|im_start|>user\nHello, wörld! 你好 👋 <tool_call>\n<|im_e
 ERROR_LINE = re.compile(r"GGML_ASSERT|GGML_ABORT|fatal error|what\(\)|error", re.IGNORECASE)
 
 
-def ensure_loadable(meta: ModelMetadata, **llama_kwargs: Any) -> None:
-    """Raise ModelFileError unless llama.cpp loads `meta.path` with these settings (backend.open_llama's keyword
-    arguments; the context is PROBE_CTX) and generates a token, in a child process. Remembered per file."""
+def ensure_loadable(meta: ModelMetadata, *, gpu_layers: int, n_seq_max: int, flash_attn: bool, kv_type: int,
+                    n_threads: int) -> None:
+    """Raise ModelFileError unless llama.cpp loads `meta.path` with these settings (Model.load's; the context is
+    PROBE_CTX cells per sequence) and samples a token, in a child process. Remembered per file."""
     # One small context whatever the caller's, so that another --ctx does not make a known file new again: what
-    # llama.cpp asserts on depends on the file and the code paths (GPU layers, flash attention, KV types), not sizes.
-    settings = {**llama_kwargs, "n_ctx": PROBE_CTX, "n_batch": PROBE_CTX, "n_ubatch": PROBE_CTX}
+    # llama.cpp asserts on depends on the file and the code paths (GPU layers, slots, flash attention, KV types).
+    settings = {"gpu_layers": gpu_layers, "n_seq_max": n_seq_max, "flash_attn": flash_attn, "kv_type": kv_type,
+                "n_threads": n_threads}
     key = _identity(meta, settings)
     verdict = verdicts.recall("load", key)
     if verdict is None:
@@ -57,6 +59,7 @@ def ensure_loadable(meta: ModelMetadata, **llama_kwargs: Any) -> None:
 
 
 def _identity(meta: ModelMetadata, settings: dict[str, Any]) -> str:
+    """The file (where, how big, when changed, and hashes of its bytes), llama.cpp's version and the settings."""
     import llama_cpp
 
     path = meta.path.resolve()
@@ -107,24 +110,43 @@ def _probe(path: Path, settings: dict[str, Any]) -> tuple[str | None, bool]:
 
 
 def _child(path: str, settings: dict[str, Any]) -> int:
+    """What Model.load and a first generation do with llama.cpp, in miniature."""
+    import llama_cpp
     import numpy as np
 
-    from localqwen.backend import open_llama
+    from localqwen.backend import Vocab, load_model, new_context
+    from localqwen.sampler import Sampler
+    from localqwen.sampling import Sampling
 
+    n_seq = settings["n_seq_max"]
     try:
-        llama = open_llama(path, **settings)
+        model = load_model(path, gpu_layers=settings["gpu_layers"])
+        context = new_context(model, n_ctx=PROBE_CTX * n_seq, n_batch=PROBE_CTX, n_ubatch=PROBE_CTX, n_seq_max=n_seq,
+                              flash_attn=settings["flash_attn"], kv_type=settings["kv_type"],
+                              n_threads=settings["n_threads"])
     except (ValueError, RuntimeError) as exc:
         print(f"llama.cpp could not load the model ({exc})")
         return 2
-    tokens = llama.tokenize(PROBE_PROMPT.encode(), add_bos=False, special=True)
-    llama.eval(tokens[-EVAL_TOKENS:])  # the whole graph runs for any batch; a short one keeps the probe cheap
-    logits = np.asarray(llama.scores[llama.n_tokens - 1])
+    vocab = Vocab(model)
+    for token in range(vocab.n_vocab):  # as Model reads them: every token's attributes, special texts
+        if vocab.attributes(token) & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED):
+            vocab.piece(token, special=True)
+    tokens = vocab.tokenize(PROBE_PROMPT.encode(), special=True)[-EVAL_TOKENS:]  # any batch runs the whole graph
+    batch = llama_cpp.llama_batch_init(PROBE_CTX, 0, 1)
+    for i, token in enumerate(tokens):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = token, i, 1, 0, False
+    batch.n_tokens, batch.logits[len(tokens) - 1] = len(tokens), True
+    if (status := llama_cpp.llama_decode(context.ctx, batch)) != 0:
+        print(f"llama.cpp could not evaluate a prompt with the model (llama_decode: {status})")
+        return 2
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ctx, len(tokens) - 1), (vocab.n_vocab,))
     if not np.isfinite(logits).all():
         print("the model's output is not finite numbers (NaN or infinite weights?)")
         return 3
-    token = llama.sample(temp=0.6, top_k=20, top_p=0.95, min_p=0.0)
-    llama.detokenize([token])
-    llama.close()
+    sampler = Sampler(vocab.n_vocab, Sampling(), seed=0)
+    vocab.piece(sampler.sample(context.ctx, len(tokens) - 1))
+    sampler.close()
+    llama_cpp.llama_batch_free(batch)
     return 0
 
 

@@ -122,10 +122,11 @@ def test_largest_context_is_monotonic_and_bounded(kv_type: str, flash_attn: bool
         budget = int(budget_gib * GiB)
         n = largest_context(QWEN3_4B, budget, kv_type=kv_type, flash_attn=flash_attn)
         assert n >= last and n % 256 == 0 and n <= QWEN3_4B.n_ctx_train
+        as_loaded = {"kv_type": kv_type, "flash_attn": flash_attn, "n_outputs_max": 1}  # how Model.load sets it up
         if n:
-            assert plan_memory(QWEN3_4B, n, kv_type=kv_type, flash_attn=flash_attn).total <= budget
+            assert plan_memory(QWEN3_4B, n, **as_loaded).total <= budget
         if n < QWEN3_4B.n_ctx_train:
-            assert plan_memory(QWEN3_4B, n + 256, kv_type=kv_type, flash_attn=flash_attn).total > budget
+            assert plan_memory(QWEN3_4B, n + 256, **as_loaded).total > budget
         assert largest_context(QWEN3_4B, budget, kv_type=kv_type, flash_attn=flash_attn, limit=10_000) <= 10_000
         last = n
     assert last == QWEN3_4B.n_ctx_train  # 96 GiB holds the whole native context

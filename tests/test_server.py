@@ -234,7 +234,8 @@ def test_errors_have_openai_shape(servers: dict) -> None:
     url = servers["urls"]["main"]
     chat = f"{url}/v1/chat/completions"
     auth = {"Authorization": f"Bearer {KEY}"}
-    assert "not valid JSON" in error(httpx.post(chat, content=b'{"messages": [', headers=auth), 400)["message"]
+    raw = {**auth, "Content-Type": "application/json"}  # a raw body must still say it is JSON (localqwen.web.guard)
+    assert "not valid JSON" in error(httpx.post(chat, content=b'{"messages": [', headers=raw), 400)["message"]
     assert error(httpx.post(chat, json={"messages": "Hi"}, headers=auth), 400)["param"] == "messages"
     assert error(httpx.post(chat, json={"messages": HI, "temperature": "hot"}, headers=auth), 400)["param"] == \
         "temperature"
@@ -254,7 +255,7 @@ def test_errors_have_openai_shape(servers: dict) -> None:
         client(url, key="wrong").models.list()
 
     huge = b'{"messages": [{"role": "user", "content": "' + b"x" * (5 << 20) + b'"}]}'
-    assert error(httpx.post(chat, content=huge, headers=auth), 413)["code"] == "request_too_large"
+    assert error(httpx.post(chat, content=huge, headers=raw), 413)["code"] == "request_too_large"
     assert error(httpx.get(f"{url}/v1/nothing", headers=auth), 404)
 
 

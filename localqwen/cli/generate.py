@@ -69,6 +69,15 @@ def chat_command(model: Any, system: str | None, max_tokens: int | None, thinkin
                                   sampling={k: v for k, v in sampling.items() if v is not None}))
 
 
+def check_origins(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    from localqwen.web.guard import parse_origin
+
+    try:
+        return tuple(parse_origin(value) for value in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command("serve", cls=Command)
 @with_model
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
@@ -76,11 +85,14 @@ def chat_command(model: Any, system: str | None, max_tokens: int | None, thinkin
 @click.option("--api-key", envvar="LOCALQWEN_API_KEY", help="Require this bearer key (env LOCALQWEN_API_KEY).")
 @click.option("--reasoning-format", type=click.Choice(["deepseek", "none"]), default="deepseek", show_default=True,
               help="deepseek: thinking in reasoning_content; none: <think>...</think> left in content.")
-def serve_command(model: Any, host: str, port: int, api_key: str | None, reasoning_format: str) -> None:
-    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+@click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN", callback=check_origins,
+              help="Let pages from ORIGIN (e.g. http://localhost:5173) call the API from a browser; repeatable.")
+def serve_command(model: Any, host: str, port: int, api_key: str | None, reasoning_format: str,
+                  cors_origins: tuple[str, ...]) -> None:
+    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page (/)."""
     from localqwen.server import serve
 
-    serve(model, host=host, port=port, api_key=api_key, reasoning_format=reasoning_format)
+    serve(model, host=host, port=port, api_key=api_key, reasoning_format=reasoning_format, cors_origins=cors_origins)
 
 
 COMMANDS = (run_command, chat_command, serve_command)

@@ -106,6 +106,11 @@ class Scheduler:
         self.slot = asyncio.Lock()
         self.waiting = 0
 
+    @property
+    def running(self) -> int:
+        """Generations running now."""
+        return int(self.slot.locked())
+
     async def start(self, request: Request, start: Callable[[], Iterator[Event]]) -> Generation:
         if self.slot.locked() and self.waiting >= self.max_queue:
             raise APIError(503, f"the server is busy ({self.waiting} requests waiting); retry later",

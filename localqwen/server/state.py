@@ -31,6 +31,8 @@ class ServerState:
     reasoning_format: str = "deepseek"  # "deepseek": thinking in reasoning_content; "none": <think> in content
     max_body_bytes: int = 4 << 20
     created: int = field(default_factory=lambda: int(time.time()))
+    # Sees every generation's events on their way to the client (the metrics); runs in the generation's thread.
+    observer: Callable[[Iterator[Event]], Iterator[Event]] | None = None
 
     @staticmethod
     def of(request: Request) -> ServerState:
@@ -66,4 +68,7 @@ class ServerState:
 
     async def start(self, request: Request, start: Callable[[], Iterator[Event]]) -> Generation:
         """Queue `start` (a call that returns a generation's events) and wait until it runs."""
+        observer = self.observer
+        if observer is not None:
+            return await self.scheduler.start(request, lambda: observer(start()))
         return await self.scheduler.start(request, start)

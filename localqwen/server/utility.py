@@ -2,7 +2,8 @@
 tokenization.
 
     GET  /health       no key needed; shows only whether the server is busy
-    GET  /props        the model, its context, default sampling and output budget, thinking-effort budgets
+    GET  /props        no key needed (a page asks for one when this says so): the model, its context, default
+                       sampling and output budget, thinking-effort budgets
     POST /tokenize     {"content": text} or {"messages": [...], "tools": [...]} -> {"tokens": [...], "count": n}
     POST /detokenize   {"tokens": [...]} -> {"content": text}
 
@@ -46,7 +47,6 @@ async def health(request: Request) -> dict[str, Any]:
 @router.get("/props")
 async def props(request: Request) -> dict[str, Any]:
     server = ServerState.of(request)
-    server.authorize(request)
     model = server.model
     sampling = {k: v for k, v in model.sampling.to_dict().items() if k != "seed"}
     return {"model": server.model_id, "context_length": model.n_ctx, "sampling": sampling,

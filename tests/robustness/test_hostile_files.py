@@ -33,6 +33,8 @@ from localqwen.template_check import check_template
 from tests.robustness import hostile_checkpoint, hostile_gguf
 from tests.robustness.gguf_doc import GGUFDoc, V
 
+SETTINGS = {"gpu_layers": 0, "n_seq_max": 1, "flash_attn": False, "kv_type": 1, "n_threads": 2}  # as Model.load's
+
 EVERYTHING = os.environ.get("LOCALQWEN_HOSTILE") == "all"
 SEED = int(os.environ.get("LOCALQWEN_HOSTILE_SEED", "19"))
 PER_CLASS = int(os.environ.get("LOCALQWEN_HOSTILE_PER_CLASS", "2"))
@@ -161,7 +163,7 @@ def test_probe_turns_an_abort_into_one_remembered_line(base_doc: GGUFDoc, tmp_pa
     for attempt in range(2):
         started = time.monotonic()
         with pytest.raises(ModelFileError) as caught:
-            ensure_loadable(read_metadata(bad), n_ctx=256)
+            ensure_loadable(read_metadata(bad), **SETTINGS)
         message = str(caught.value)
         assert message.startswith(str(bad)) and "crashes llama.cpp (SIGABRT" in message and "\n" not in message
         assert "n_rot" in message
@@ -169,12 +171,12 @@ def test_probe_turns_an_abort_into_one_remembered_line(base_doc: GGUFDoc, tmp_pa
             assert time.monotonic() - started < 0.5
     good = tmp_path / "good.gguf"
     good.write_bytes(base_doc.encode())
-    ensure_loadable(read_metadata(good), n_ctx=256)
+    ensure_loadable(read_metadata(good), **SETTINGS)
     started = time.monotonic()
-    ensure_loadable(read_metadata(good), n_ctx=256)
+    ensure_loadable(read_metadata(good), **SETTINGS)
     assert time.monotonic() - started < 0.5
     os.utime(good, ns=(0, 0))  # another identity: probed again (and still fine)
-    ensure_loadable(read_metadata(good), n_ctx=256)
+    ensure_loadable(read_metadata(good), **SETTINGS)
     assert len(list((tmp_path / "home" / "probe" / "load").iterdir())) == 3
 
 
