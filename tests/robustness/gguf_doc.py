@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
@@ -153,12 +154,18 @@ class GGUFDoc:
         return next(t for t in self.tensors if t.name == name)
 
     def retype(self, name: str, ttype: int) -> GGUFDoc:
-        """Store tensor `name` as another type: same shape, data bytes cut or padded (with a float-ish pattern) to
-        the new size. The values are nonsense; what matters is what llama.cpp does with the type."""
+        """Store tensor `name` as another type, same shape: requantized from its values where gguf-py can quantize
+        to that type (a file that is really fine), else its bytes cut or repeated to the new size (nonsense values:
+        what matters then is what llama.cpp does with the type)."""
         t = self.tensor(name)
         new = Tensor(t.name, t.shape, ttype, b"")
-        n = new.nbytes()
-        new.data = (t.data * (n // max(len(t.data), 1) + 1))[:n]
+        try:
+            values = _values(t)
+            new.data = gguf.quants.quantize(values, GGMLQuantizationType(ttype)).tobytes()
+        except (NotImplementedError, ValueError, gguf.quants.QuantError):
+            n = new.nbytes()
+            new.data = (t.data * (n // max(len(t.data), 1) + 1))[:n]
+        assert len(new.data) == new.nbytes()
         self.tensors[self.tensors.index(t)] = new
         return self
 
@@ -182,3 +189,12 @@ class GGUFDoc:
         header += b"\0" * (-len(header) % align)
         data = b"".join(t.data + b"\0" * (-len(t.data) % align) for t in self.tensors)
         return header + data
+
+
+def _values(t: Tensor) -> np.ndarray:
+    """A tensor's values as float32, rows of its first dimension."""
+    raw = np.frombuffer(t.data, dtype=np.uint8)
+    kind = GGMLQuantizationType(t.type)
+    if kind == GGMLQuantizationType.F32:
+        return raw.view(np.float32).reshape(-1, t.shape[0])
+    return gguf.quants.dequantize(raw.reshape(-1, len(t.data) // int(np.prod(t.shape[1:]))), kind).astype(np.float32)
