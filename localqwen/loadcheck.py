@@ -241,7 +241,8 @@ def _check_texts(meta: ModelMetadata, tokens: ArrayInfo | list[str], kinds: np.n
     texts = _read_raw_strings(meta, tokens, "token")
     seen = set(texts)
     if len(seen) != len(texts) or b"" in seen:
-        bad = next(i for i, text in enumerate(texts) if not text or texts.index(text) != i)
+        first: dict[bytes, int] = {}  # one pass (list.index per token would be quadratic: 150k squared)
+        bad = next(i for i, text in enumerate(texts) if not text or first.setdefault(text, i) != i)
         what = "empty" if not texts[bad] else f"a duplicate of another ({texts[bad][:40].decode()!r})"
         raise ModelFileError(f"token {bad} is {what}; llama.cpp needs every token text unique", meta.path)
     if np.any(kinds[:first_added] != TokenType.NORMAL):
