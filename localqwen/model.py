@@ -27,10 +27,9 @@ from localqwen.metadata import ModelMetadata, read_metadata
 from localqwen.modelcheck import check_model
 from localqwen.plan import MemoryPlan, choose_plan, shape_of, shortfall
 from localqwen.probe import ensure_loadable
-from localqwen.prompt import render_chat
 from localqwen.sampling import Sampling
 from localqwen.stream import Stream
-from localqwen.template_check import check_template
+from localqwen.template_check import chat_renderer, check_template
 
 # ggml type ids for the KV cache (ggml.h: GGML_TYPE_F16 = 1, GGML_TYPE_Q4_0 = 2, GGML_TYPE_Q8_0 = 8).
 GGML_KV_TYPE_IDS = {"f16": 1, "q8_0": 8, "q4_0": 2}
@@ -53,6 +52,7 @@ class Model:
         special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
         self.special_texts = [self._vocab.piece(i, special=True).decode("utf-8", "replace")
                               for i in range(self.n_vocab) if self._vocab.attributes(i) & special]
+        self._renderer = chat_renderer(self.template, self.special_texts)  # another template renders in a child
         self.wrap_up_ids = self.tokenize(WRAP_UP_TEXT, special=True)
         end_ids = {IM_END_ID, ENDOFTEXT_ID, llama_cpp.llama_vocab_eos(llama_model.vocab)}
         self._engine = Engine(llama_model, context, n_slots=plan.n_seq, n_batch=plan.n_batch, end_ids=end_ids,
@@ -137,7 +137,7 @@ class Model:
     def tokenize_chat(self, messages: list[Any], tools: list[Any] | None = None) -> list[int]:
         """The prompt tokens: template structure as special tokens, user-supplied text never."""
         tokens: list[int] = []
-        for segment in render_chat(self.template, messages, self.special_texts, tools=tools):
+        for segment in self._renderer.render(messages, tools):
             tokens += self.tokenize(segment.text, special=segment.special)
         return tokens
 
@@ -178,6 +178,7 @@ class Model:
         self._engine.cancel_all()
 
     def close(self) -> None:
+        self._renderer.close()
         self._engine.close()
         self._context.close()
         self._model.close()

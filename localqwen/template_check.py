@@ -11,21 +11,30 @@ message) becomes one line naming the file, at load rather than at the first mess
 
 The verdict is remembered by the template's hash, so a template costs its child process once; the template localqwen
 ships (Qwen3-4B-Thinking-2507's own) is known good and never probed.
+
+A template can still behave on the probes and blow up on some other conversation, so at runtime (`chat_renderer`)
+any template but the known one renders in a long-lived child process with the same memory limit and a per-render
+timeout: a render that runs away is a one-line BadRequest for that request, the child is killed and replaced, and
+the serving process never runs the template's code. The known template renders in-process, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from localqwen import verdicts
-from localqwen.errors import LocalqwenError, ModelFileError
+from localqwen.errors import BadRequest, LocalqwenError, ModelFileError
+from localqwen.prompt import Segment, render_chat
 from localqwen.tokenizer_data import ADDED_TOKENS
 
 MAX_TEMPLATE = 256 << 10  # bytes; Qwen3's is 4 kB
@@ -33,6 +42,8 @@ MAX_RENDERED = 1 << 20  # characters a probe conversation may render to (far bey
 PROBE_TIMEOUT_S = 10.0
 PROBE_MEMORY = 1 << 30  # bytes of address space for the child (Python with Jinja needs ~100 MB)
 PROBE_FORMAT = 1  # part of the verdict key: bump when the probe conversations or limits change
+RENDER_TIMEOUT_S = 5.0  # one render at runtime (the known template renders a long conversation in milliseconds)
+STARTUP_TIMEOUT_S = 60.0  # the renderer child's Python start, on a busy machine
 OFFICIAL_TEMPLATE = files("localqwen").joinpath("data/qwen3_thinking_chat_template.jinja").read_text(encoding="utf-8")
 MARKER = "probe-7f3a"  # each probe's last user message carries it; a template that drops it is broken
 
@@ -73,10 +84,14 @@ def check_template(template: str | None, path: Path) -> None:
         raise ModelFileError(error, path)
 
 
+def _child_command(mode: str) -> tuple[list[str], dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "HOME", "SYSTEMROOT", "LANG")}
+    return [sys.executable, "-m", "localqwen.template_check", mode], env
+
+
 def _probe(template: str) -> str | None:
     """Render the probes in a child process; None if fine, else the one-line reason."""
-    cmd = [sys.executable, "-m", "localqwen.template_check"]
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "HOME", "SYSTEMROOT", "LANG")}
+    cmd, env = _child_command("probe")
     try:
         result = subprocess.run(cmd, input=template, capture_output=True, text=True, errors="replace",
                                 timeout=PROBE_TIMEOUT_S, env=env)
@@ -92,14 +107,15 @@ def _probe(template: str) -> str | None:
     return f"the chat template probe failed (exit status {result.returncode})"
 
 
-def _limit_self() -> None:
+def _limit_self(cpu_seconds: int | None) -> None:
     """Hard limits for this (child) process, set before the template runs: the kernel enforces them."""
     try:
         import resource
     except ImportError:  # Windows: the parent's wall-clock timeout still applies
         return
-    limits = [(getattr(resource, "RLIMIT_AS", None), PROBE_MEMORY),
-              (resource.RLIMIT_CPU, int(PROBE_TIMEOUT_S) + 1), (getattr(resource, "RLIMIT_FSIZE", None), 0)]
+    limits = [(getattr(resource, "RLIMIT_AS", None), PROBE_MEMORY), (getattr(resource, "RLIMIT_FSIZE", None), 0)]
+    if cpu_seconds is not None:
+        limits.append((resource.RLIMIT_CPU, cpu_seconds))
     for which, value in limits:
         if which is not None:
             with contextlib.suppress(ValueError, OSError):  # not supported here (RLIMIT_AS on macOS)
@@ -107,8 +123,6 @@ def _limit_self() -> None:
 
 
 def _render_probes(template: str) -> str | None:
-    from localqwen.prompt import render_chat
-
     specials = list(ADDED_TOKENS)
     for i, (messages, tools) in enumerate(PROBES, 1):
         try:
@@ -125,8 +139,121 @@ def _render_probes(template: str) -> str | None:
     return None
 
 
-def _child() -> int:
-    _limit_self()
+class Renderer(Protocol):
+    def render(self, messages: list[Any], tools: list[Any] | None = None) -> list[Segment]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessRenderer:
+    """The known template: rendered here (it is localqwen's own code in effect)."""
+
+    def __init__(self, template: str, specials: list[str]) -> None:
+        self.template, self.specials = template, specials
+
+    def render(self, messages: list[Any], tools: list[Any] | None = None) -> list[Segment]:
+        return render_chat(self.template, messages, self.specials, tools=tools)
+
+    def close(self) -> None:
+        pass
+
+
+class ChildRenderer:
+    """Any other template: rendered by prompt.render_chat in a long-lived child process with the probe's memory
+    limit. A render that does not finish within RENDER_TIMEOUT_S, or kills the child, is a BadRequest; the child is
+    replaced on the next render. Thread-safe (renders take turns: each is milliseconds)."""
+
+    def __init__(self, template: str, specials: list[str]) -> None:
+        self._setup = json.dumps({"template": template, "specials": specials})
+        self._lock = threading.Lock()
+        self._child: subprocess.Popen[str] | None = None
+        self._replies: queue.Queue[str | None] = queue.Queue()
+
+    def render(self, messages: list[Any], tools: list[Any] | None = None) -> list[Segment]:
+        request = json.dumps({"messages": messages, "tools": tools}, default=str) + "\n"
+        with self._lock:
+            child = self._running()
+            try:
+                assert child.stdin is not None
+                child.stdin.write(request)
+                child.stdin.flush()
+                line = self._replies.get(timeout=RENDER_TIMEOUT_S)
+            except (OSError, queue.Empty):
+                line = None
+            if line is None:
+                self._stop()
+                raise BadRequest(f"the chat template did not render these messages within {RENDER_TIMEOUT_S:g} s and "
+                                 "its memory limit")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise BadRequest(reply["error"])
+        return [Segment(text, special) for text, special in reply["segments"]]
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _running(self) -> subprocess.Popen[str]:
+        if self._child is None or self._child.poll() is not None:
+            cmd, env = _child_command("serve")
+            child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, encoding="utf-8", env=env)
+            self._replies = queue.Queue()
+            threading.Thread(target=_forward_lines, args=(child, self._replies), daemon=True).start()
+            assert child.stdin is not None
+            self._child = child
+            try:  # Python's start does not count against a render's time
+                child.stdin.write(self._setup + "\n")
+                child.stdin.flush()
+                ready = self._replies.get(timeout=STARTUP_TIMEOUT_S)
+            except (OSError, queue.Empty):
+                ready = None
+            if ready is None:
+                self._stop()
+                raise BadRequest("the chat template's renderer did not start")
+        return self._child
+
+    def _stop(self) -> None:
+        if self._child is not None:
+            self._child.kill()
+            self._child.wait()
+            self._child = None
+
+
+def _forward_lines(child: subprocess.Popen[str], replies: queue.Queue[str | None]) -> None:
+    assert child.stdout is not None
+    for line in child.stdout:
+        replies.put(line)
+    replies.put(None)  # the child is gone
+
+
+def chat_renderer(template: str, specials: list[str]) -> Renderer:
+    """How Model renders prompts: in-process for the known template, in a bounded child process for any other."""
+    if template == OFFICIAL_TEMPLATE:
+        return InProcessRenderer(template, specials)
+    return ChildRenderer(template, specials)
+
+
+def _serve() -> int:
+    """The renderer child: one setup line, then one JSON request per line, one JSON reply per line."""
+    _limit_self(cpu_seconds=None)  # long-lived: the parent's per-render timeout bounds time
+    setup = json.loads(sys.stdin.readline())
+    print("ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            segments = render_chat(setup["template"], request["messages"], setup["specials"], tools=request["tools"])
+            reply: dict[str, Any] = {"segments": [[s.text, s.special] for s in segments]}
+        except LocalqwenError as exc:
+            reply = {"error": exc.message}
+        except Exception as exc:  # untrusted code: whatever it raises is the template's failure
+            reply = {"error": f"the chat template failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+        print(json.dumps(reply), flush=True)
+    return 0
+
+
+def _probe_main() -> int:
+    _limit_self(cpu_seconds=int(PROBE_TIMEOUT_S) + 1)
     template = sys.stdin.read()
     error = _render_probes(template)
     if error is not None:
@@ -136,4 +263,4 @@ def _child() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_child())
+    sys.exit(_serve() if sys.argv[1:] == ["serve"] else _probe_main())

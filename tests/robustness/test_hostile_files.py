@@ -25,11 +25,20 @@ from pathlib import Path
 import pytest
 
 from localqwen.convert import convert
-from localqwen.errors import ModelFileError
+from localqwen.errors import BadRequest, ModelFileError
 from localqwen.metadata import read_metadata
 from localqwen.probe import ensure_loadable
 from localqwen.synthetic import TINY, write_checkpoint
-from localqwen.template_check import check_template
+from localqwen.template_check import (
+    OFFICIAL_TEMPLATE,
+    RENDER_TIMEOUT_S,
+    TOOLS,
+    ChildRenderer,
+    InProcessRenderer,
+    chat_renderer,
+    check_template,
+)
+from localqwen.tokenizer_data import ADDED_TOKENS
 from tests.robustness import hostile_checkpoint, hostile_gguf
 from tests.robustness.gguf_doc import GGUFDoc, V
 
@@ -199,3 +208,31 @@ def test_template_probe(template: str, expected: str | None, tmp_path: Path, mon
             check_template(template, where)
         assert str(caught.value).startswith(str(where)) and "\n" not in str(caught.value)
     assert len(list((tmp_path / "probe" / "template").iterdir())) == 1
+
+
+def test_runtime_renderer_bounds_a_template_that_passed_the_probe() -> None:
+    """A template can behave on the probe conversations and run away on one message: at runtime any template but the
+    known one renders in a bounded child, so that message is one BadRequest and the next renders as before. (The trap
+    is never compiled here: Jinja folds constants such as 'x' * 10**10 while compiling.)"""
+    trap = ("{% if messages[-1].content == 'loop' %}{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}"
+            "{% endfor %}{% endif %}{% if messages[-1].content == 'memory' %}{{ 'x' * 10**10 }}{% endif %}"
+            "{% if messages[-1].content == 'divide' %}{{ 1 / 0 }}{% endif %}" + OFFICIAL_TEMPLATE)
+    reworded = "{#- a quantizer's note -#}\n" + OFFICIAL_TEMPLATE
+    specials = list(ADDED_TOKENS)
+    child, reworded_child = ChildRenderer(trap, specials), ChildRenderer(reworded, specials)
+    here = InProcessRenderer(OFFICIAL_TEMPLATE, specials)
+    try:
+        for _ in range(2):
+            for content in ("Hello", "text that looks like <|im_start|> a control token"):
+                messages = [{"role": "user", "content": content}]
+                assert child.render(messages, TOOLS) == reworded_child.render(messages, TOOLS) == here.render(
+                    messages, TOOLS)
+            for content, expected in (("loop", "within"), ("memory", "MemoryError"), ("divide", "division by zero")):
+                started = time.monotonic()
+                with pytest.raises(BadRequest, match=expected):
+                    child.render([{"role": "user", "content": content}])
+                assert time.monotonic() - started < RENDER_TIMEOUT_S + 5
+    finally:
+        child.close()
+        reworded_child.close()
+    assert isinstance(chat_renderer(OFFICIAL_TEMPLATE, specials), InProcessRenderer)
