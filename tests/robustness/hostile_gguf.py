@@ -331,9 +331,9 @@ TEMPLATES = {
     "huge_range": ("{% for i in range(10**9) %}{% endfor %}{{ messages[-1].content }}", False),
     "nested_loops": ("{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}"
                      "{{ messages[-1].content }}", False),
-    "literal_loops": ("{% for a in '0123456789' * 9 %}{% for b in '0123456789' * 9 %}{% for c in '0123456789' * 9 %}"
-                      "{% for d in '0123456789' * 9 %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}"
-                      "{{ messages[-1].content }}", False),
+    # Six nested loops over literals (90**6 iterations): nothing the sandbox could count, only a clock stops it.
+    "literal_loops": ("".join(f"{{% for {v} in '0123456789' * 9 %}}" for v in "abcdef") + "{% endfor %}" * 6
+                      + "{{ messages[-1].content }}", False),
     "division_by_zero": ("{{ messages[-1].content }}{{ 1 / 0 }}", False),
     "type_error": ("{{ messages + 1 }}", False),
     "include": ('{% include "other.jinja" %}{{ messages[-1].content }}', False),
