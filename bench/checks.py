@@ -8,7 +8,8 @@ page cache warm (the file is read once before the rounds): the header and metada
 (modelcheck + loadcheck) the first time and with the vocabulary's verdict remembered; the chat template check for
 the model's own template (known) and for another template (a child process renders the probes), first and remembered;
 the child-process load probe, first and remembered; llama.cpp's load with Model.load's settings for a 4096-token
-context; and Model.load end to end with every verdict remembered (what each later load of the file costs).
+context, and its first decode (which touches every weight page: the probe pays it, and so does a user's first
+reply); and Model.load end to end with every verdict remembered (what each later load of the file costs).
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import _common as c
 
 ROUNDS = 3
 N_CTX = 4096
 STEPS = ["read_metadata", "static_first", "static_remembered", "template_known", "template_probe_first",
-         "template_remembered", "load_probe_first", "load_probe_remembered", "llama_load", "model_load_remembered"]
+         "template_remembered", "load_probe_first", "load_probe_remembered", "llama_load", "llama_first_decode",
+         "model_load_remembered"]
 
 
 def child(path_text: str) -> None:
     """One round, in this fresh process; prints the seconds per step as JSON."""
+    import llama_cpp
+
     from localqwen.backend import load_model, new_context
     from localqwen.metadata import read_metadata
     from localqwen.model import GGML_KV_TYPE_IDS, Model, default_threads
@@ -63,15 +68,22 @@ def child(path_text: str) -> None:
     timed("load_probe_first", ensure_loadable, meta, **settings)
     timed("load_probe_remembered", ensure_loadable, meta, **settings)
 
-    def llama_load() -> None:  # what Model.load asks of llama.cpp
-        model = load_model(path, gpu_layers=plan.gpu_layers)
-        context = new_context(model, n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch,
-                              n_seq_max=plan.n_seq, flash_attn=plan.flash_attn, kv_type=kv_type,
-                              n_threads=default_threads())
-        context.close()
-        model.close()
+    def first_decode(context: Any) -> None:  # a first reply's first batch: llama.cpp touches every weight page
+        batch = llama_cpp.llama_batch_init(4, 0, 1)
+        for i in range(4):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = 100 + i, i, 1, 0
+            batch.logits[i] = i == 3
+        batch.n_tokens = 4
+        llama_cpp.llama_decode(context.ctx, batch)
+        llama_cpp.llama_batch_free(batch)
 
-    timed("llama_load", llama_load)
+    # What Model.load asks of llama.cpp, then what the user's first reply makes it do first.
+    model = timed("llama_load", load_model, path, gpu_layers=plan.gpu_layers)
+    context = new_context(model, n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, n_seq_max=plan.n_seq,
+                          flash_attn=plan.flash_attn, kv_type=kv_type, n_threads=default_threads())
+    timed("llama_first_decode", first_decode, context)
+    context.close()
+    model.close()
     timed("model_load_remembered", Model.load, path, n_ctx=N_CTX).close()
     print(json.dumps(seconds))
 
@@ -109,9 +121,12 @@ def main() -> None:
         "first_time_checks_s": round(medians["read_metadata"] + medians["static_first"]
                                      + medians["template_probe_first"] + medians["load_probe_first"], 4),
         "llama_load_s": load_s,
+        "llama_load_and_first_decode_s": round(load_s + medians["llama_first_decode"], 4),
     }
     summary["every_load_share_of_load"] = round(summary["every_load_checks_s"] / load_s, 3)
     summary["first_time_share_of_load"] = round(summary["first_time_checks_s"] / load_s, 3)
+    summary["first_time_share_of_load_and_first_decode"] = round(
+        summary["first_time_checks_s"] / summary["llama_load_and_first_decode_s"], 3)
     print()
     print(c.table(rows, ["step", "median_s", "min_s", "max_s"], f"{path.name}: the checks next to llama.cpp's load "
                                                                f"({args.rounds} rounds, page cache warm)"))
