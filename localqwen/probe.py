@@ -85,8 +85,8 @@ def _probe(path: Path, settings: dict[str, Any]) -> tuple[str | None, bool]:
     cmd = [sys.executable, "-m", "localqwen.probe", str(path), json.dumps(settings)]
     env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # no gdb attaching to the aborting child
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=PROBE_TIMEOUT_S,
-                                env=env, stdin=subprocess.DEVNULL)
+        result = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace",
+                                timeout=PROBE_TIMEOUT_S, env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return f"llama.cpp did not finish loading the model within {PROBE_TIMEOUT_S:g} s (probe)", False
     if result.returncode == 0:
@@ -151,4 +151,5 @@ def _child(path: str, settings: dict[str, Any]) -> int:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(encoding="utf-8")  # type: ignore[union-attr]  # what the parent reads, whatever the locale
     sys.exit(_child(sys.argv[1], json.loads(sys.argv[2])))

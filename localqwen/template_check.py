@@ -76,8 +76,9 @@ def check_template(template: str | None, path: Path) -> None:
     key = hashlib.sha256(f"{PROBE_FORMAT}\0{template}".encode()).hexdigest()
     verdict = verdicts.recall("template", key)
     if verdict is None:
-        error = _probe(template)
-        verdicts.remember("template", key, ok=error is None, error=error or "")
+        error, definite = _probe(template)
+        if definite:
+            verdicts.remember("template", key, ok=error is None, error=error or "")
     else:
         error = None if verdict["ok"] else verdict["error"]
     if error is not None:
@@ -89,22 +90,22 @@ def _child_command(mode: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "localqwen.template_check", mode], env
 
 
-def _probe(template: str) -> str | None:
-    """Render the probes in a child process; None if fine, else the one-line reason."""
+def _probe(template: str) -> tuple[str | None, bool]:
+    """Render the probes in a child process: (None if fine, else the one-line reason; whether to remember that)."""
     cmd, env = _child_command("probe")
     try:
-        result = subprocess.run(cmd, input=template, capture_output=True, text=True, errors="replace",
+        result = subprocess.run(cmd, input=template, capture_output=True, encoding="utf-8", errors="replace",
                                 timeout=PROBE_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired:
-        return f"the chat template did not finish rendering a probe conversation within {PROBE_TIMEOUT_S:g} s"
+    except subprocess.TimeoutExpired:  # a busy machine could be slow too: refused now, probed again next time
+        return f"the chat template did not finish rendering a probe conversation within {PROBE_TIMEOUT_S:g} s", False
     if result.returncode == 0:
-        return None
+        return None, True
     lines = result.stdout.strip().splitlines()
     if result.returncode == 1 and lines:
-        return lines[-1]
+        return lines[-1], True
     if result.returncode < 0 or "MemoryError" in result.stderr:
-        return "the chat template exhausted the probe's memory or CPU time limit"
-    return f"the chat template probe failed (exit status {result.returncode})"
+        return "the chat template exhausted the probe's memory or CPU time limit", True
+    return f"the chat template probe failed (exit status {result.returncode})", False
 
 
 def _limit_self(cpu_seconds: int | None) -> None:
@@ -234,8 +235,14 @@ def chat_renderer(template: str, specials: list[str]) -> Renderer:
     return ChildRenderer(template, specials)
 
 
+def _utf8_pipes() -> None:
+    sys.stdin.reconfigure(encoding="utf-8")  # type: ignore[union-attr]  # whatever the locale says
+    sys.stdout.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
+
+
 def _serve() -> int:
     """The renderer child: one setup line, then one JSON request per line, one JSON reply per line."""
+    _utf8_pipes()
     _limit_self(cpu_seconds=None)  # long-lived: the parent's per-render timeout bounds time
     setup = json.loads(sys.stdin.readline())
     print("ready", flush=True)
@@ -253,6 +260,7 @@ def _serve() -> int:
 
 
 def _probe_main() -> int:
+    _utf8_pipes()
     _limit_self(cpu_seconds=int(PROBE_TIMEOUT_S) + 1)
     template = sys.stdin.read()
     error = _render_probes(template)
