@@ -245,12 +245,12 @@ def check_side_files(folder: Path, chat_template_limit: int = MAX_TEMPLATE) -> N
     decoded (and parsed, for JSON)."""
     check_model_card(folder)
     generation_config(folder)
-    for name in ("chat_template.json",):
-        if os.path.lexists(folder / name):
-            read_json_object(folder / name, chat_template_limit * 2)
-    for name in ("chat_template.jinja", "merges.txt"):
-        if os.path.lexists(folder / name):
-            read_text(folder / name, chat_template_limit if name.endswith(".jinja") else TOKENIZER_LIMIT)
+    if os.path.lexists(folder / "chat_template.json"):
+        read_json_object(folder / "chat_template.json", chat_template_limit * 2)  # JSON escapes: room to spare
+    if os.path.lexists(folder / "chat_template.jinja"):
+        read_text(folder / "chat_template.jinja", chat_template_limit)
+    if os.path.lexists(folder / "merges.txt"):
+        read_text(folder / "merges.txt", TOKENIZER_LIMIT)
     extra = folder / "additional_chat_templates"
     if os.path.lexists(extra):
         if not extra.is_dir():
