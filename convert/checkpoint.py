@@ -59,7 +59,8 @@ def read_hparams(config: dict[str, Any], path: Path) -> Hparams:
     if not isinstance(architectures, list):
         architectures = [architectures]
     if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
-        found = ", ".join(map(repr, architectures))[:120] or "none"
+        found = ", ".join(a if isinstance(a, str) and a.isprintable() else repr(a) for a in architectures)[:120]
+        found = found or "none"
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
         raise CheckpointError(f"architecture {found} is not supported (supported: {supported})", path)
     # transformers 5.x moved rope_theta under rope_parameters; accept both styles.
