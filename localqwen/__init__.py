@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from localqwen.agent import AgentRun
     from localqwen.convert import convert
     from localqwen.errors import (
         BadRequest,
@@ -25,30 +26,36 @@ if TYPE_CHECKING:
         LocalqwenError,
         ModelBusy,
         ModelFileError,
+        RemoteError,
     )
-    from localqwen.events import Event, Reply, Stats, ToolCall
+    from localqwen.events import Event, Reply, Stats, ToolCall, ToolResult
     from localqwen.info import model_info, plan_report
+    from localqwen.mcp_tools import McpTools
     from localqwen.model import Model
+    from localqwen.remote import RemoteModel
     from localqwen.sampling import OPTIONS, Sampling
     from localqwen.store import pull, resolve_model
+    from localqwen.tools import Tool, ToolError
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "Model": "localqwen.model",
+    "Model": "localqwen.model", "RemoteModel": "localqwen.remote",
     "Event": "localqwen.events", "Reply": "localqwen.events", "Stats": "localqwen.events",
-    "ToolCall": "localqwen.events",
+    "ToolCall": "localqwen.events", "ToolResult": "localqwen.events",
+    "AgentRun": "localqwen.agent", "Tool": "localqwen.tools", "ToolError": "localqwen.tools",
+    "McpTools": "localqwen.mcp_tools",
     "Sampling": "localqwen.sampling", "OPTIONS": "localqwen.sampling",
     "LocalqwenError": "localqwen.errors", "ModelFileError": "localqwen.errors", "CheckpointError": "localqwen.errors",
     "HubError": "localqwen.errors", "BadRequest": "localqwen.errors", "ContextOverflow": "localqwen.errors",
-    "ModelBusy": "localqwen.errors",
+    "ModelBusy": "localqwen.errors", "RemoteError": "localqwen.errors",
     "convert": "localqwen.convert",
     "pull": "localqwen.store", "resolve_model": "localqwen.store",
     "model_info": "localqwen.info", "plan_report": "localqwen.info",
 }
 __all__ = [
-    "OPTIONS", "BadRequest", "CheckpointError", "ContextOverflow", "Event", "HubError", "LocalqwenError", "Model",
-    "ModelBusy", "ModelFileError", "Reply", "Sampling", "Stats", "ToolCall", "convert", "model_info", "plan_report",
-    "pull", "resolve_model",
+    "OPTIONS", "AgentRun", "BadRequest", "CheckpointError", "ContextOverflow", "Event", "HubError", "LocalqwenError",
+    "McpTools", "Model", "ModelBusy", "ModelFileError", "RemoteError", "RemoteModel", "Reply", "Sampling", "Stats",
+    "Tool", "ToolCall", "ToolError", "ToolResult", "convert", "model_info", "plan_report", "pull", "resolve_model",
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -117,22 +118,55 @@ def open_llama(path: Path | str, **kwargs: Any) -> Any:
         return llama_cpp.Llama(model_path=str(path), **{"verbose": False, **kwargs})
 
 
-def load_model(path: Path | str, *, gpu_layers: int) -> Any:
-    """llama.cpp's model (llama-cpp-python's LlamaModel wrapper, which frees it), safe on every CPU this runs on."""
+LLAMA_LOG = collections.deque(maxlen=50)  # llama.cpp's last log lines (errors name them), never printed
+GGML_LOG_ERROR = 4  # ggml.h's levels: DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+
+
+@functools.cache
+def log_callback() -> Any:
+    """llama.cpp's log, kept in LLAMA_LOG instead of stderr: llama-cpp-python's own callback reads ggml's log levels
+    in an older order and prints warnings (a cancelled batch's, say) into the user's terminal."""
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        LLAMA_LOG.append((level, text.decode("utf-8", "replace")))
+
+    return keep
+
+
+def quiet_llama_log() -> None:
+    import llama_cpp
+
+    llama_cpp.llama_log_set(log_callback(), ctypes.c_void_p(0))
+
+
+_quiet_once = functools.cache(quiet_llama_log)  # installed at the first load; later callers may set their own
+
+
+def last_error() -> str:
+    """The last error llama.cpp logged (for a one-line message), or ""."""
+    return next((text.strip() for level, text in reversed(LLAMA_LOG) if level == GGML_LOG_ERROR), "")
+
+
+def load_model(path: Path | str, *, gpu_layers: int, **overrides: Any) -> Any:
+    """llama.cpp's model (llama-cpp-python's LlamaModel wrapper, which frees it), safe on every CPU this runs on.
+    `overrides`: other llama_model_params fields (use_mmap=False, ...)."""
     import llama_cpp
     from llama_cpp import _internals
-    from llama_cpp._logger import set_verbose
 
-    set_verbose(False)  # llama.cpp's log goes to stderr otherwise
+    _quiet_once()
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = gpu_layers
     if amx_repacking():
         params.use_extra_bufts = False
+    for name, value in overrides.items():
+        setattr(params, name, value)
     return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
 
 
 def new_context(model: Any, *, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, flash_attn: bool,
-                kv_type: int, n_threads: int) -> Any:
+                kv_type: int, n_threads: int, **overrides: Any) -> Any:
     """A llama.cpp context for `n_seq_max` sequences sharing one (unified) KV cache of `n_ctx` cells.
 
     Batches never ask for more than one output (logits row) per sequence, so n_outputs_max = n_seq_max: the
@@ -148,6 +182,8 @@ def new_context(model: Any, *, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_ma
     params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                               else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
     params.type_k = params.type_v = kv_type
+    for name, value in overrides.items():  # other llama_context_params fields (op_offload=False, ...)
+        setattr(params, name, value)
     return _internals.LlamaContext(model=model, params=params, verbose=False)
 
 
@@ -157,14 +193,14 @@ class Vocab:
     def __init__(self, model: Any) -> None:
         import llama_cpp
 
-        self._lib, self._vocab = llama_cpp, model.vocab
+        self._lib, self.handle = llama_cpp, model.vocab  # handle: the llama_vocab pointer (grammars need it)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
 
     def tokenize(self, text: bytes, *, special: bool) -> list[int]:
         capacity = len(text) + 8  # byte-level BPE makes at most one token per byte
         while True:
             tokens = (self._lib.llama_token * capacity)()
-            n = self._lib.llama_tokenize(self._vocab, text, len(text), tokens, capacity, False, special)
+            n = self._lib.llama_tokenize(self.handle, text, len(text), tokens, capacity, False, special)
             if n >= 0:
                 return list(tokens[:n])
             capacity = -n
@@ -174,7 +210,7 @@ class Vocab:
         size = 64
         while True:
             buffer = ctypes.create_string_buffer(size)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buffer, size, 0, special)
+            n = self._lib.llama_token_to_piece(self.handle, token, buffer, size, 0, special)
             if n >= 0:
                 return buffer.raw[:n]
             size = -n
@@ -183,4 +219,4 @@ class Vocab:
         return b"".join(self.piece(t, special=special) for t in tokens)
 
     def attributes(self, token: int) -> int:
-        return self._lib.llama_vocab_get_attr(self._vocab, token)
+        return self._lib.llama_vocab_get_attr(self.handle, token)

@@ -49,6 +49,10 @@ DEFAULT_MAX_TOKENS = 32_768
 THINKING_BUDGET_WRAP_UP = (
     "Considering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
 )
+# The wrap-up in the template's layout (the report writes "</think>.\n\n"; the chat template renders "</think>\n\n"):
+# the message engines such as llama-server put before `</think>`, and the whole text put in the model's mouth.
+THINKING_WRAP_UP_MESSAGE = "\n\n" + THINKING_BUDGET_WRAP_UP
+THINKING_WRAP_UP_TEXT = THINKING_WRAP_UP_MESSAGE + THINK_CLOSE + "\n\n"
 # The context `--ctx auto` grows to at most: the card's 32,768-token output budget plus room for the prompt.
 # Longer contexts (up to NATIVE_CONTEXT) are there for the asking, best with a quantized KV cache.
 DEFAULT_CONTEXT = 40_960

@@ -1,16 +1,18 @@
 """The chat's state apart from the terminal: its settings and the `/set` parser, the `/save` `/load` file format,
-and fitting a conversation into the context."""
+fitting a conversation into the context, and which tool calls may run without asking."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from localqwen.errors import BadRequest
+from localqwen.events import Event, ToolCall, ToolResult
 from localqwen.sampling import LIMIT_OPTIONS, OPTION, Sampling
+from localqwen.tools import Tool
 
 Message = dict[str, Any]
 
@@ -119,3 +121,63 @@ def fit_context(messages: list[Message], count: Callable[[list[Message]], int], 
 def turns(messages: list[Message]) -> str:
     n = sum(m["role"] == "user" for m in messages)
     return f"{n} turn{'' if n == 1 else 's'}"
+
+
+# --- tools (`localqwen chat --mcp`) ------------------------------------------------------------------------------
+
+APPROVAL_QUESTION = "Run {call}? [y]es, [n]o, [a]lways for this tool: "
+
+
+def call_text(call: ToolCall) -> str:
+    """A call the way the chat shows it: `name {"argument": value}`."""
+    return f"{call.name} {json.dumps(call.arguments or {}, ensure_ascii=False)}"
+
+
+class Approvals:
+    """Which tool calls run without asking: tools named by --yes, and tools answered "always"."""
+
+    def __init__(self, preapproved: Iterable[str] = ()) -> None:
+        self.always = set(preapproved)
+
+    def decide(self, call: ToolCall, ask: Callable[[str], str], stop: Callable[[], None]) -> bool:
+        """Run `call`? Asks unless its tool is approved always; anything but yes or always refuses, and Ctrl+C or
+        Ctrl+D at the question also stops the reply (`stop`)."""
+        if call.name in self.always:
+            return True
+        try:
+            answer = ask(APPROVAL_QUESTION.format(call=call_text(call))).strip().lower()
+        except (KeyboardInterrupt, EOFError):
+            stop()
+            return False
+        if answer in ("a", "always"):
+            self.always.add(call.name or "")
+        return answer in ("y", "yes", "a", "always")
+
+
+def tool_list(tools: list[Tool], approvals: Approvals) -> str:
+    """`/tools`: one line per tool, with its server, whether it runs without asking, and its description."""
+    if not tools:
+        return "no tools: start the chat with --mcp CONFIG.json to give the model MCP servers' tools"
+    width = max(len(tool.name) for tool in tools)
+    lines = [f"  {tool.name:<{width}}  {tool.origin or 'python'}{' (always)' * (tool.name in approvals.always)}  "
+             f"{(tool.description.splitlines() or [''])[0]}" for tool in tools]
+    return "\n".join(lines) + "\n(calls ask first unless marked always; --yes TOOL,... approves at start)"
+
+
+def one_round(first: Event, events: Iterator[Event]) -> Iterator[Event]:
+    """`first` and the tool loop's events after it up to the round's `done`: one reply for the chat to draw."""
+    yield first
+    for event in events if first.kind != "done" else ():
+        yield event
+        if event.kind == "done":
+            return
+
+
+RESULT_STYLES = {"ok": "dim", "refused": "yellow", "error": "red"}
+
+
+def result_line(result: ToolResult, width: int) -> tuple[str, str]:
+    """A tool result in one line cut to `width` characters, and its style."""
+    text = "refused" if result.status == "refused" else " ".join(result.content.split())
+    line = f"  → {result.call.name}: {text}"
+    return line if len(line) <= width else line[:max(width - 1, 0)] + "…", RESULT_STYLES[result.status]

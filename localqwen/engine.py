@@ -22,9 +22,9 @@ from typing import Any
 from localqwen.backend import CancelFlag, Vocab
 from localqwen.errors import LocalqwenError, ModelBusy
 from localqwen.events import Event
-from localqwen.generation import Turn, timings
+from localqwen.generation import Turn, WrapUp, timings
+from localqwen.prompt_cache import PromptCache
 from localqwen.sampler import Sampler
-from localqwen.sampling import Sampling
 from localqwen.stream import END, MAX_AHEAD, Channel
 
 # Prompt tokens evaluated per step while other sequences stream: a 4B model on 2 CPU cores takes ~4 s for 128, so
@@ -38,10 +38,8 @@ class Request:
 
     prompt: list[int]
     turn: Turn
-    sampling: Sampling
-    seed: int
+    sampler: Sampler  # with its grammars, by the span they constrain: "answer" (all after the thinking), "call"
     wait: float | None  # seconds to wait for a slot (None: as long as it takes)
-    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -62,10 +60,14 @@ class Sequence:
         self.channel = Channel(on_taken=engine.notify)
         self.slot: Slot | None = None
         self.pending: list[int] = []  # tokens to evaluate next (prompt, sampled token, wrap-up)
-        self.sampler: Sampler | None = None
         self.cancelled = False
         self.wants_answer = False  # end_thinking() was asked
+        self.in_call = False  # inside a tool call's body at the last sample
         self.started = self.first_token_at = 0.0
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.request.sampler
 
     @property
     def runnable(self) -> bool:
@@ -85,15 +87,17 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Engine:
-    def __init__(self, llama_model: Any, context: Any, *, n_slots: int, n_batch: int, end_ids: set[int],
-                 wrap_up_ids: list[int], wrap_up_text: str, load_s: float) -> None:
+    def __init__(self, llama_model: Any, context: Any, *, n_slots: int, n_ctx_seq: int, n_batch: int,
+                 end_ids: set[int], wrap_up_ids: list[int], wrap_up_text: str, load_s: float,
+                 prompt_cache: PromptCache | None = None) -> None:
         import llama_cpp
 
         self._lib, self._model, self._context = llama_cpp, llama_model, context
         self.ctx, self._memory = context.ctx, context.memory
         self.vocab = Vocab(llama_model)
         self.slots = [Slot(i) for i in range(n_slots)]
-        self.n_batch, self.end_ids, self.load_s = n_batch, end_ids, load_s
+        self.n_batch, self.n_ctx_seq, self.end_ids, self.load_s = n_batch, n_ctx_seq, end_ids, load_s
+        self.prompt_cache = prompt_cache
         self.wrap_up_ids, self.wrap_up_text = wrap_up_ids, wrap_up_text
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._abort = CancelFlag(self.ctx)  # llama_decode stops mid-batch when every sequence in it is cancelled
@@ -134,6 +138,13 @@ class Engine:
                 self._abort.set()  # nobody wants what the batch in flight computes
             self._wake.notify()
 
+    def end_thinking_all(self) -> None:
+        with self._wake:
+            for slot in self.slots:
+                if slot.sequence is not None:
+                    slot.sequence.wants_answer = True
+            self._wake.notify()
+
     def cancel_all(self) -> None:
         with self._wake:
             sequences = [s.sequence for s in self.slots if s.sequence] + [s for s, _ in self._waiting]
@@ -164,7 +175,12 @@ class Engine:
                 if not any(s.runnable or s.cancelled for s in active):
                     self._wake.wait(timeout=self._next_deadline())
                     continue
-            self._step(active)
+            try:
+                self._step(active)
+            except Exception as exc:  # a bug here must not leave readers waiting forever on a dead thread
+                for sequence in active:
+                    sequence.channel.put(LocalqwenError(f"generation failed: {type(exc).__name__}: {exc}"))
+                    sequence.cancelled = True
 
     def _next_deadline(self) -> float | None:
         deadlines = [d for _, d in self._waiting if d is not None]
@@ -190,6 +206,8 @@ class Engine:
 
     def _place(self, sequence: Sequence, slot: Slot) -> None:
         prompt, turn = sequence.request.prompt, sequence.turn
+        if self.prompt_cache is not None:
+            self._restore(slot, prompt)
         keep = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)  # the last prompt token gives the logits
         self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
         del slot.tokens[keep:]
@@ -197,9 +215,26 @@ class Engine:
         turn.stats.cached_prompt_tokens = keep
         sequence.pending = prompt[keep:]
         sequence.started = time.perf_counter()
-        sequence.sampler = Sampler(self.vocab.n_vocab, sequence.request.sampling, sequence.request.seed)
+        sequence.channel.put([])  # no events yet: it tells a reader waiting for the start that a slot was found
         if turn.budget_spent:  # a thinking budget of 0: the wrap-up follows the prompt at once
-            self._wrap_up(sequence, [])
+            self._wrap_up(sequence, [], "budget")
+
+    def _restore(self, slot: Slot, prompt: list[int]) -> None:
+        """Fill the slot from the prompt cache on disk when a saved prompt shares a longer start with `prompt` than
+        the slot does."""
+        assert self.prompt_cache is not None
+        found = self.prompt_cache.best(prompt, better_than=common_prefix(slot.tokens, prompt), room=self.n_ctx_seq)
+        if found is None:
+            return
+        self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+        slot.tokens = self.prompt_cache.restore(self.ctx, slot.seq_id, found[0]) or []
+
+    def _save(self, sequence: Sequence) -> None:
+        """Save the prompt's state once it is evaluated (the slot then holds exactly the prompt)."""
+        slot, prompt = sequence.slot, sequence.request.prompt
+        if self.prompt_cache is not None and slot is not None and slot.tokens == prompt \
+                and self.prompt_cache.wants(prompt):
+            self.prompt_cache.save(self.ctx, slot.seq_id, prompt)
 
     def _step(self, active: list[Sequence]) -> None:
         for sequence in active:
@@ -232,7 +267,7 @@ class Engine:
             slot.tokens += chunk[:done]
             del sequence.pending[:done]
             if status == 0 and row is not None:
-                self._sampled(sequence, sequence.sampler.sample(self.ctx, row))  # type: ignore[union-attr]
+                self._sampled(sequence, sequence.sampler.sample(self.ctx, row, self._grammar(sequence)))
 
     def _fill_batch(self, runnable: list[Sequence]) -> list[tuple[Sequence, list[int], int | None]]:
         """The next batch: one token of each decoding sequence first, then prompt chunks in the room left. Returns
@@ -262,16 +297,32 @@ class Engine:
             chunks.append((sequence, chunk, row))
         return chunks
 
+    def _grammar(self, sequence: Sequence) -> str | None:
+        """The grammar the next token must follow: the answer's, from the end of the thinking on; a tool call's
+        body's, from the model's `<tool_call>` (also while thinking) to its `</tool_call>`; or none."""
+        parser, grammars = sequence.turn.parser, sequence.sampler.grammars
+        entered_call = parser.in_call and not sequence.in_call
+        sequence.in_call = parser.in_call
+        if "answer" in grammars and not parser.in_thinking:
+            return "answer"
+        if "call" in grammars and parser.in_call:
+            if entered_call:
+                sequence.sampler.restart("call")
+            return "call"
+        return None
+
     def _sampled(self, sequence: Sequence, token: int) -> None:
         turn = sequence.turn
-        sequence.first_token_at = sequence.first_token_at or time.perf_counter()
+        if not sequence.first_token_at:
+            sequence.first_token_at = time.perf_counter()
+            self._save(sequence)
         if sequence.cancelled:
             turn.stop("cancelled")
         elif token not in self.end_ids:
-            events = turn.token(self.vocab.piece(token))
+            events = turn.token(self.vocab.piece(token), token)
             if not (turn.out_of_tokens or turn.stopped):
-                if turn.budget_spent or (sequence.wants_answer and turn.thinking):
-                    self._wrap_up(sequence, events, token)
+                if (reason := self._wrap_up_reason(sequence)) is not None:
+                    self._wrap_up(sequence, events, reason, token)
                 else:
                     sequence.pending = [token]
                     sequence.channel.put(events)
@@ -281,13 +332,22 @@ class Engine:
                 turn.stop("length")
         self._finish(sequence)
 
-    def _wrap_up(self, sequence: Sequence, events: list[Event], token: int | None = None) -> None:
-        """Close the thinking for the model (budget spent, or asked to answer now): the wrap-up is evaluated after
-        `token` (the last sampled one, if any) and the model goes on from there."""
+    @staticmethod
+    def _wrap_up_reason(sequence: Sequence) -> WrapUp | None:
+        turn = sequence.turn
+        if turn.budget_spent:
+            return "budget"
+        if sequence.wants_answer and turn.can_wrap_up:
+            return "answer_now"
+        return "loop_guard" if turn.looping else None
+
+    def _wrap_up(self, sequence: Sequence, events: list[Event], reason: WrapUp, token: int | None = None) -> None:
+        """Close the thinking for the model (budget spent, asked to answer now, looping): the wrap-up is evaluated
+        after `token` (the last sampled one, if any) and the model goes on from there."""
         sequence.pending = [*sequence.pending, *([token] if token is not None else []), *self.wrap_up_ids]
         for wrap_token in self.wrap_up_ids:
-            sequence.sampler.accept(wrap_token)  # type: ignore[union-attr]
-        sequence.channel.put(events + sequence.turn.forced(self.wrap_up_text, len(self.wrap_up_ids)))
+            sequence.sampler.accept(wrap_token)
+        sequence.channel.put(events + sequence.turn.forced(self.wrap_up_text, len(self.wrap_up_ids), reason))
 
     def _finish(self, sequence: Sequence) -> None:
         """End a sequence: free its sampler and slot first (a reader that sees the end may submit again at once),
@@ -298,8 +358,7 @@ class Engine:
         first = sequence.first_token_at or None
         stats.timings = timings(self.load_s, sequence.started or time.perf_counter(), first, time.perf_counter(),
                                 stats.prompt_tokens - stats.cached_prompt_tokens, stats.completion_tokens)
-        if sequence.sampler is not None:
-            sequence.sampler.close()
+        sequence.sampler.close()
         if sequence.slot is not None:
             sequence.slot.sequence, sequence.slot.last_used = None, time.monotonic()
         sequence.pending = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = ["BadRequest", "CheckpointError", "ContextOverflow", "HubError", "LocalqwenError", "ModelBusy",
-           "ModelFileError"]
+           "ModelFileError", "RemoteError"]
 
 
 class LocalqwenError(Exception):
@@ -48,3 +48,13 @@ class ContextOverflow(BadRequest):
 
 class ModelBusy(LocalqwenError):
     """Every generation slot is taken and the caller chose not to wait."""
+
+
+class RemoteError(LocalqwenError):
+    """A remote endpoint (localqwen.remote) could not be reached, timed out, or answered with an HTTP error; the
+    message names the endpoint (and the status). `detail`: what went wrong, in the endpoint's words when it answered;
+    `status`: its HTTP status (None when no answer came); `code`: the error code it gave, if any."""
+
+    def __init__(self, detail: str, endpoint: str, status: int | None = None, code: str | None = None) -> None:
+        self.endpoint, self.detail, self.status, self.code = endpoint, detail, status, code
+        super().__init__(detail if status is None else f"HTTP {status}: {detail}", endpoint)

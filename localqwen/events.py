@@ -1,4 +1,5 @@
-"""The typed events that generation yields: the CLI, `run --json` and the server are views of these."""
+"""The typed events that generation yields: the CLI, `run --json` and the server are views of these. The tool loop
+(localqwen.agent) yields the same events, each tagged with its round, plus one `tool_result` per call it ran."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any, Literal
 
 from localqwen.constants import tool_call_block
 
-EventKind = Literal["thinking", "content", "tool_call", "done"]
+EventKind = Literal["thinking", "content", "tool_call", "tool_result", "done"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+ToolStatus = Literal["ok", "error", "refused"]
 
 
 @dataclass(frozen=True)
@@ -20,11 +22,23 @@ class ToolCall:
     name: str | None = None
     arguments: dict[str, Any] | None = None
     error: str | None = None
+    id: str | None = None  # given by the tool loop (localqwen.agent): what its ToolResult answers
 
     @property
     def block(self) -> str:
         """The call as the model wrote it, markers included: what an unparsed call shows as text."""
         return tool_call_block(self.raw)
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What the tool loop gave the model for one call: `content` is the tool message's text. `call` is the call as
+    it ran (with the arguments an on_call hook changed); status "error": the tool failed or the call could not run
+    (the text says why), "refused": the hook refused it."""
+
+    call: ToolCall
+    content: str
+    status: ToolStatus = "ok"
 
 
 @dataclass
@@ -38,6 +52,7 @@ class Stats:
     content_tokens: int = 0
     truncated_thinking: bool = False  # generation ended before `</think>`: all thinking, no answer
     stop_sequence: str | None = None  # the stop string that ended the answer, if one did
+    wrap_up: str | None = None  # why the thinking was closed for the model: "budget", "answer_now" or "loop_guard"
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -51,6 +66,8 @@ class Event:
     text: str = ""
     tool_call: ToolCall | None = None
     stats: Stats | None = None
+    tool_result: ToolResult | None = None
+    round: int = 0  # the tool loop's round (a generation), from 1; 0 outside a loop
 
 
 @dataclass
@@ -61,6 +78,7 @@ class Reply:
     content: str
     tool_calls: list[ToolCall]
     stats: Stats
+    parsed: Any = None  # with an answer schema: the answer as a validated object (None if it was cut short)
 
     @classmethod
     def collect(cls, events: Iterable[Event]) -> Reply:
@@ -76,7 +94,12 @@ class Reply:
                 stats = event.stats
         if stats is None:
             raise ValueError("a generation ends with a done event; this stream had none")
-        return cls("".join(parts["thinking"]), "".join(parts["content"]), tool_calls, stats)
+        content = "".join(parts["content"])
+        answer_format = getattr(events, "answer_format", None)  # a model stream with a schema knows it
+        parsed = None
+        if answer_format is not None and answer_format.schema is not None and stats.finish_reason == "stop":
+            parsed = answer_format.parse(content)
+        return cls("".join(parts["thinking"]), content, tool_calls, stats, parsed)
 
     def to_dict(self) -> dict[str, Any]:
         """The shape `localqwen run --json` prints; scripts depend on it."""

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
 
 from localqwen.constants import DEFAULT_MAX_TOKENS
 from localqwen.errors import BadRequest
@@ -18,6 +21,23 @@ from localqwen.parser import StreamParser
 
 # When thinking would eat all of max_tokens, this many tokens (at most a quarter of max_tokens) stay for the answer.
 DEFAULT_ANSWER_RESERVE = 1024
+# The loop guard: thinking whose last LOOP_REPEATS spans of the same tokens are identical, for a span of LOOP_SPANS
+# tokens, is looping (a real chain of thought does not say the same 24+ tokens three times in a row); it is wrapped
+# up as a spent budget is. Checked every LOOP_CHECK_EVERY thinking tokens (numpy: about 1 ms a check).
+LOOP_SPANS = range(24, 513)
+LOOP_REPEATS = 3
+LOOP_CHECK_EVERY = 16
+WrapUp = Literal["budget", "answer_now", "loop_guard"]
+
+
+def repeats_itself(tokens: np.ndarray) -> bool:
+    """Do the last LOOP_REPEATS spans of some length in LOOP_SPANS hold the same tokens?"""
+    n = len(tokens)
+    for span in range(LOOP_SPANS.start, min(LOOP_SPANS.stop, n // LOOP_REPEATS + 1)):
+        tail = tokens[n - span * LOOP_REPEATS:]
+        if (tail.reshape(LOOP_REPEATS, span) == tail[-span:]).all():
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -74,13 +94,15 @@ class Turn:
     """The state of one reply: bytes to text, text to events (through the parser and the stop strings, which apply
     to the answer only), and the token counts."""
 
-    def __init__(self, prompt_tokens: int, limits: Limits, *, thinking: bool, stops: list[str] | None = None) -> None:
+    def __init__(self, prompt_tokens: int, limits: Limits, *, thinking: bool, stops: list[str] | None = None,
+                 loop_guard: bool = True) -> None:
         self.limits = limits
         self.stats = Stats(finish_reason="stop", prompt_tokens=prompt_tokens)
         self.parser = StreamParser(thinking=thinking)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = StopFilter(stops or [])
         self._tool_calls = 0
+        self._thought: list[int] | None = [] if loop_guard else None  # thinking token ids, for the loop guard
 
     @property
     def stopped(self) -> bool:
@@ -96,22 +118,40 @@ class Turn:
         return self.stats.completion_tokens >= self.limits.total
 
     @property
-    def budget_spent(self) -> bool:
-        """Still thinking with the thinking budget used up, and not inside a multi-byte character: time to wrap up."""
-        return (self.parser.in_thinking and self.stats.thinking_tokens >= self.limits.thinking
-                and not self._decoder.getstate()[0])
+    def can_wrap_up(self) -> bool:
+        """Thinking (not holding a tool call it opened), and not inside a multi-byte character: the thinking can be
+        closed for the model here."""
+        return self.parser.state == "thinking" and not self._decoder.getstate()[0]
 
-    def token(self, piece: bytes) -> list[Event]:
-        """One sampled token: counted as thinking if it arrived while thinking (`</think>` itself included)."""
+    @property
+    def budget_spent(self) -> bool:
+        """Still thinking with the thinking budget used up: time to wrap up."""
+        return self.can_wrap_up and self.stats.thinking_tokens >= self.limits.thinking
+
+    @property
+    def looping(self) -> bool:
+        """The thinking repeats itself (the loop guard): time to wrap up."""
+        thought = self._thought
+        if thought is None or len(thought) % LOOP_CHECK_EVERY or not self.can_wrap_up:
+            return False
+        return repeats_itself(np.asarray(thought[-LOOP_SPANS.stop * LOOP_REPEATS:]))
+
+    def token(self, piece: bytes, token: int | None = None) -> list[Event]:
+        """One sampled token (its bytes, and its id where known): counted as thinking if it arrived while thinking
+        (`</think>` itself included)."""
         if self.parser.in_thinking:
             self.stats.thinking_tokens += 1
+            if self._thought is not None and token is not None:
+                self._thought.append(token)
         else:
             self.stats.content_tokens += 1
         return self._events(self.parser.feed(self._decoder.decode(piece)))
 
-    def forced(self, text: str, n_tokens: int) -> list[Event]:
-        """Text put in the model's mouth (the thinking wrap-up): shown, and counted as thinking."""
+    def forced(self, text: str, n_tokens: int, reason: WrapUp | None = None) -> list[Event]:
+        """Text put in the model's mouth (the thinking wrap-up, with its reason): shown, counted as thinking."""
         self.stats.thinking_tokens += n_tokens
+        if reason is not None:
+            self.stats.wrap_up = reason
         return self._events(self.parser.feed(text))
 
     def stop(self, reason: FinishReason) -> None:
@@ -119,7 +159,8 @@ class Turn:
 
     def finish(self) -> list[Event]:
         """The events still held back at the end, with the final counts in `stats` (timings are the caller's)."""
-        events = self._events(self.parser.feed(self._decoder.decode(b"", final=True)) + self.parser.finish())
+        complete = self.stats.finish_reason == "stop"  # the model ended its turn (or a stop string did)
+        events = self._events(self.parser.feed(self._decoder.decode(b"", final=True)) + self.parser.finish(complete))
         events += self._content(self._stops.flush())
         self.stats.truncated_thinking = self.parser.in_thinking
         self.stats.stop_sequence = self._stops.hit

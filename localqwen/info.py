@@ -47,18 +47,18 @@ def model_info(path: Path) -> dict[str, Any]:
 
 
 def plan_report(path: Path, n_ctx: int | str = "auto", *, kv_type: str = "f16", flash_attn: bool | None = None,
-                gpu_layers: int | str = "auto", max_ctx: int | None = None) -> dict[str, Any]:
+                gpu_layers: int | str = "auto", max_ctx: int | None = None, parallel: int | str = 1) -> dict[str, Any]:
     """The plan Model.load would make for these settings (plan.choose_plan, the same choice, without loading
     anything), whether it fits (plan.shortfall, the same rule), and the largest context each KV type allows here."""
     meta = read_metadata(path)
     check_model(meta)
     shape = shape_of(meta)
     plan, memory = choose_plan(shape, n_ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers,
-                               max_ctx=max_ctx)
+                               max_ctx=max_ctx, parallel=parallel)
 
     def largest(kv: str, flash_on: bool) -> int:
         return largest_context(shape, memory.budget, kv_type=kv, flash_attn=flash_on, gpu_layers=plan.gpu_layers,
-                               repack_types=memory.repack_types)
+                               repack_types=memory.repack_types, n_seq=plan.n_seq)
 
     return {
         "model": str(path), "free_ram": memory.ram, "free_vram": memory.vram, "budget": memory.budget,

@@ -22,6 +22,10 @@ from localqwen.metadata import TIED_OUTPUT, ModelMetadata, read_metadata
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
 MAX_PARALLEL = 64  # sequences in one context (llama.cpp allows 256; beyond this, batches only slow each other)
+# parallel="auto" (what `serve` uses): as many sequences as fit with at least AUTO_MIN_CONTEXT tokens each, at most
+# 4 on the CPU (where decode is bound by memory bandwidth and a batch of 4 costs little more than 1) or 8 on a GPU.
+AUTO_PARALLEL = {"cpu": 4, "gpu": 8}
+AUTO_MIN_CONTEXT = 8192
 # Free memory `n_ctx="auto"` leaves to the rest of the machine.
 MEMORY_MARGIN = 0.15
 MIN_MEMORY_MARGIN = 1 << 30
@@ -293,17 +297,18 @@ class Memory:
 
 
 def choose_plan(shape: ModelShape, n_ctx: int | str = "auto", *, kv_type: str = "f16", flash_attn: bool | None = None,
-                gpu_layers: int | str = "auto", max_ctx: int | None = None, parallel: int = 1,
+                gpu_layers: int | str = "auto", max_ctx: int | None = None, parallel: int | str = 1,
                 ) -> tuple[MemoryPlan, Memory]:
     """The settings Model.load uses, for `parallel` sequences with n_ctx tokens each: n_ctx "auto" is the largest
-    context that fits (at most max_ctx), gpu_layers "auto" as many layers as fit in VRAM, flash attention on for a
-    quantized KV cache unless told otherwise."""
+    context that fits (at most max_ctx), gpu_layers "auto" as many layers as fit in VRAM, parallel "auto" as many
+    sequences as fit (AUTO_PARALLEL), flash attention on for a quantized KV cache unless told otherwise."""
     from localqwen.backend import gpu_offload_supported, repacked_types
 
     if kv_type not in KV_TYPES:
         raise BadRequest(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLEL:
-        raise BadRequest(f"parallel must be a whole number from 1 to {MAX_PARALLEL}, got {parallel!r}")
+    if parallel != "auto" and (isinstance(parallel, bool) or not isinstance(parallel, int)
+                               or not 1 <= parallel <= MAX_PARALLEL):
+        raise BadRequest(f"parallel must be a whole number from 1 to {MAX_PARALLEL} or 'auto', got {parallel!r}")
     flash = kv_type != "f16" if flash_attn is None else flash_attn  # a quantized V cache needs flash attention
     ram, vram = available_memory()
     offload = gpu_offload_supported() and bool(vram)
@@ -312,6 +317,11 @@ def choose_plan(shape: ModelShape, n_ctx: int | str = "auto", *, kv_type: str = 
     repack = memory.repack_types
     # llama.cpp counts the output layer as one more layer to offload.
     layers = (shape.n_layers + 1 if offload else 0) if gpu_layers == "auto" else int(gpu_layers)
+    if parallel == "auto":
+        wanted = n_ctx if isinstance(n_ctx, int) else AUTO_MIN_CONTEXT
+        parallel = next((n for n in range(AUTO_PARALLEL["gpu" if offload else "cpu"], 1, -1)
+                         if largest_context(shape, memory.budget, kv_type=kv_type, flash_attn=flash, gpu_layers=layers,
+                                            limit=wanted, repack_types=repack, n_seq=n) >= wanted), 1)
     if n_ctx == "auto":
         limit = min(max_ctx or shape.n_ctx_train, shape.n_ctx_train)
         n_ctx = largest_context(shape, memory.budget, kv_type=kv_type, flash_attn=flash, gpu_layers=layers,

@@ -9,6 +9,7 @@ reader that stops reading holds its sequence (not the others) until it reads on,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -39,7 +40,8 @@ class Channel:
             self._ready.notify()
             loop, waker = self._loop, self._waker
         if loop is not None and waker is not None:
-            loop.call_soon_threadsafe(waker.set)
+            with contextlib.suppress(RuntimeError):  # the reader's event loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(waker.set)
 
     def get(self) -> Any:
         with self._lock:
@@ -85,8 +87,9 @@ class Stream:
     drops what is left. `end_thinking()` asks the model to wrap up its thinking and answer now. A task that is
     cancelled while it waits for an event cancels the generation."""
 
-    def __init__(self, submit: Callable[[], Handle]) -> None:
+    def __init__(self, submit: Callable[[], Handle], answer_format: Any = None) -> None:
         self._submit = submit
+        self.answer_format = answer_format  # what Reply.collect parses the answer with (constrain.AnswerFormat)
         self._handle: Handle | None = None
         self._pending: deque[Event] = deque()
         self.finished = False
@@ -124,6 +127,12 @@ class Stream:
 
     # --- iteration -------------------------------------------------------------------------------------------
 
+    async def wait_started(self) -> None:
+        """Wait until the engine has placed the generation in a slot (or ended it); raise what kept it from
+        starting (ModelBusy when its wait for a slot ran out)."""
+        if self._handle is None or not (self._pending or self.finished):
+            self._receive(await self._open().aget())
+
     def __iter__(self) -> Stream:
         return self
 
@@ -143,8 +152,9 @@ class Stream:
                 raise StopAsyncIteration
             try:
                 item = await self._open().aget()
-            except asyncio.CancelledError:
-                self.close()
+            except asyncio.CancelledError:  # the task waiting for this stream was cancelled: so is the generation
+                self.cancel()
+                self.finished = True
                 raise
             self._receive(item)
         return self._pending.popleft()

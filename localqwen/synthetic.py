@@ -302,14 +302,17 @@ def write_chain_checkpoint(dest: Path, chain: list[int], *, tie: bool = False, *
     return write_checkpoint(dest, shape, weights=chain_weights(shape, chain), **kwargs)
 
 
-def script_chain(thinking: str, answer: str, *, tool_call: str | None = None) -> tuple[list[int], str]:
+def script_chain(thinking: str, answer: str, *, tool_call: str | None = None,
+                 call_on_own_lines: bool = False) -> tuple[list[int], str]:
     """The chain that makes a chain model "say" a scripted thinking reply, and the text it generates.
 
     The chain starts at "\\n" (198), the last token of the generation prompt `<|im_start|>assistant\\n<think>\\n`,
     then runs: thinking, `</think>`, "\\n\\n", answer, optionally `<tool_call>` + tool_call + `</tool_call>`, then
     `<|im_end|>`. The text is what detokenizing the generated tokens gives (`<|im_end|>` is a control token and not
     shown). No token may repeat, so pick texts without repeated words; "\\n" is taken by the prompt.
-    Needs the `tokenizers` package.
+    `call_on_own_lines`: the call's JSON on lines of its own, as the real model writes it (llama-server's parser
+    needs that): `<tool_call>` "\\n\\n" json "\\n" `</tool_call>`; the answer then follows `</think>` directly, as
+    "\\n\\n" may appear once. Needs the `tokenizers` package.
     """
     from tokenizers import Tokenizer
 
@@ -318,9 +321,13 @@ def script_chain(thinking: str, answer: str, *, tool_call: str | None = None) ->
     def ids(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False).ids
 
-    chain = [NEWLINE_ID, *ids(thinking), THINK_CLOSE_ID, DOUBLE_NEWLINE_ID, *ids(answer)]
-    text = f"{thinking}</think>\n\n{answer}"
-    if tool_call is not None:
+    gap = "" if call_on_own_lines else "\n\n"
+    chain = [NEWLINE_ID, *ids(thinking), THINK_CLOSE_ID, *ids(gap), *ids(answer)]
+    text = f"{thinking}</think>{gap}{answer}"
+    if tool_call is not None and call_on_own_lines:
+        chain += [TOOL_CALL_OPEN_ID, DOUBLE_NEWLINE_ID, *ids(tool_call + "\n"), TOOL_CALL_CLOSE_ID]
+        text += f"<tool_call>\n\n{tool_call}\n</tool_call>"
+    elif tool_call is not None:
         chain += [TOOL_CALL_OPEN_ID, *ids(tool_call), TOOL_CALL_CLOSE_ID]
         text += f"<tool_call>{tool_call}</tool_call>"
     chain.append(IM_END_ID)

@@ -19,14 +19,13 @@ QUANT_SHAPE = QwenShape(hidden_size=256, intermediate_size=512, num_hidden_layer
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The run's store, chat history and remembered probe verdicts live in a temporary home, never the user's (tests
-    that need their own home still set LOCALQWEN_HOME themselves)."""
+    """The tests' own LOCALQWEN_HOME: they never read or write the user's store, chat history or prompt cache."""
+    home = tmp_path_factory.mktemp("localqwen-home")
     before = os.environ.get("LOCALQWEN_HOME")
-    home = tmp_path_factory.mktemp("home")
     os.environ["LOCALQWEN_HOME"] = str(home)
     yield home
     if before is None:
-        os.environ.pop("LOCALQWEN_HOME", None)
+        del os.environ["LOCALQWEN_HOME"]
     else:
         os.environ["LOCALQWEN_HOME"] = before
 

@@ -56,7 +56,7 @@ def model(gguf: dict[str, Path]) -> Model:
 
 @pytest.fixture(scope="module")
 def endless(gguf: dict[str, Path]) -> Model:
-    model = Model.load(gguf["endless"], n_ctx=4096, gpu_layers=0)
+    model = Model.load(gguf["endless"], n_ctx=4096, gpu_layers=0, loop_guard=False)  # it thinks "!" forever
     yield model
     model.close()
 

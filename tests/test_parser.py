@@ -14,7 +14,8 @@ from localqwen.events import Event, ToolCall
 from localqwen.parser import StreamParser, parse_text
 
 # Markers valid in each state, written out from the spec rather than read from the parser.
-VALID_MARKERS = {"thinking": (THINK_OPEN, THINK_CLOSE), "content": (TOOL_CALL_OPEN,), "tool_call": (TOOL_CALL_CLOSE,)}
+VALID_MARKERS = {"thinking": (THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN), "content": (TOOL_CALL_OPEN,),
+                 "tool_call": (TOOL_CALL_CLOSE,)}
 LONGEST_MARKER = max(len(m) for m in (THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE))
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -170,8 +171,8 @@ def test_held_back_text_is_bounded(case: tuple[str, bool], data: st.DataObject) 
     for chunk in random_chunks(stream, data, 8):
         parser.feed(chunk)
         fed += chunk
-        if parser.state == "tool_call":
-            continue  # a tool call is held whole by design until it closes
+        if parser.state in ("tool_call", "thinking_call", "after_call"):
+            continue  # a tool call is held whole by design until it closes (one opened while thinking, until decided)
         # What a flush would release now is exactly what feed() is holding back (held whitespace that a flush
         # drops is allowed to be held anyway): past its whitespace it must be a proper prefix of a valid marker.
         flushed = copy.deepcopy(parser).finish()
@@ -325,3 +326,61 @@ def test_whitespace_only_sections_emit_nothing() -> None:
     assert parse_text("  \n</think>\n\n") == []
     assert parse_text("") == []
     assert StreamParser().finish() == []
+
+
+# --- tool calls opened while thinking ----------------------------------------------------------------------------
+
+@st.composite
+def calls_while_thinking(draw: st.DrawFn) -> tuple[str, list[Event]]:
+    """Thinking that opens tool calls and never closes: the calls are real, nothing of them is thinking."""
+    part = draw(thinking_text.filter(lambda s: TOOL_CALL_OPEN not in s))
+    stream, expected = draw(BLANK) + part + draw(BLANK), [Event("thinking", part)]
+    for body, call in draw(st.lists(tool_calls().filter(lambda bc: TOOL_CALL_CLOSE not in bc[0]), min_size=1,
+                                    max_size=2)):
+        stream += TOOL_CALL_OPEN + draw(BLANK) + body + draw(BLANK) + TOOL_CALL_CLOSE
+        expected.append(Event("tool_call", tool_call=call))
+        after = draw(content_text.filter(lambda s: THINK_CLOSE not in s))
+        stream += draw(BLANK) + after
+        expected.append(Event("content", after))
+    return stream, merged([e for e in expected if e.kind == "tool_call" or e.text])
+
+
+@SETTINGS
+@given(calls_while_thinking())
+def test_a_call_opened_while_thinking_is_a_call_and_never_shown_as_thinking(case: tuple[str, list[Event]]) -> None:
+    stream, expected = case
+    assert parse_text(stream) == expected
+    for cut in range(len(stream) + 1):
+        events = stream_in_chunks([stream[:cut], stream[cut:]], thinking=True)
+        assert merged(events) == expected
+        assert not any(TOOL_CALL_OPEN in e.text or '"name"' in e.text for e in events if e.kind == "thinking")
+
+
+def test_call_while_thinking_examples() -> None:
+    call = ToolCall('{"name": "f", "arguments": {}}', "f", {})
+    text = 'I need the clock.\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert parse_text(text) == [T("I need the clock."), Event("tool_call", tool_call=call)]
+    parser = StreamParser()
+    assert parser.feed("I need the clock.\n<tool_call>\n{") == [T("I need the clock.")]
+    assert parser.in_thinking and parser.in_call and parser.state == "thinking_call"
+    assert parser.feed('"name": "f", "arguments": {}}\n</tool_call>\n') == []  # held: undecided
+    assert parser.state == "after_call" and not parser.in_call
+    assert parser.finish() == [Event("tool_call", tool_call=call)] and parser.state == "content"
+    # `</think>` after it: it was thinking, released as it came.
+    parser = StreamParser()
+    assert parser.feed("Maybe <tool_call>x</tool_call> no") == [T("Maybe")]
+    assert parser.feed("t.</think>Yes") == [T(" <tool_call>x</tool_call> not."), C("Yes")]
+    # Cut off (a token limit) while the call is held: still thinking, truncated.
+    parser = StreamParser()
+    assert parser.feed('Plan <tool_call>{"name": "f", "argu') == [T("Plan")]
+    assert parser.finish(complete=False) == [T(' <tool_call>{"name": "f", "argu')] and parser.in_thinking
+
+
+def test_a_complete_call_whose_closing_tag_is_missing() -> None:
+    text = '</think>Sure.<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n'
+    assert parse_text(text) == [C("Sure."), Event("tool_call", tool_call=ToolCall(
+        '{"name": "f", "arguments": {"x": 1}}', "f", {"x": 1}))]
+    parser = StreamParser()
+    parser.feed(text)
+    [cut] = parser.finish(complete=False)  # cut off by max_tokens: not a call
+    assert cut.tool_call.error == "unterminated tool call"

@@ -14,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType
 
 from localqwen import plan as plan_module
-from localqwen.backend import open_llama, repacked_types
+from localqwen.backend import load_model, new_context, open_llama, quiet_llama_log, repacked_types
 from localqwen.convert import convert
 from localqwen.errors import LocalqwenError
 from localqwen.plan import (
@@ -208,7 +208,7 @@ def test_read_shape_of_a_converted_model(attention_gguf: Path) -> None:
 
 @contextlib.contextmanager
 def captured_llama_log() -> Iterator[list[str]]:
-    """Everything llama.cpp logs meanwhile; llama-cpp-python's own callback is put back afterwards."""
+    """Everything llama.cpp logs meanwhile; localqwen's own callback is put back afterwards."""
     import llama_cpp
     import llama_cpp._logger
 
@@ -222,7 +222,7 @@ def captured_llama_log() -> Iterator[list[str]]:
     try:
         yield lines
     finally:
-        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+        quiet_llama_log()
 
 
 def measured_buffers(path: Path, n_ctx: int, kv_type: str, flash_attn: bool) -> dict[str, float]:
@@ -244,6 +244,38 @@ def measured_buffers(path: Path, n_ctx: int, kv_type: str, flash_attn: bool) -> 
 
 CONFIGS = [(n_ctx, kv_type, flash) for n_ctx in (512, 4096, 32768)
            for kv_type, flash in (("f16", False), ("f16", True), ("q8_0", True), ("q4_0", True))]
+
+
+def measured_context_buffers(path: Path, n_ctx: int, n_seq: int, kv_type: str, flash_attn: bool) -> dict[str, float]:
+    """MiB per kind as llama.cpp logs them, for the context Model.load makes: n_seq sequences of n_ctx tokens in one
+    unified KV cache, one logits row per sequence (backend.new_context). Loaded without mmap, as above."""
+    with captured_llama_log() as lines:
+        model = load_model(path, gpu_layers=0, use_mmap=False)
+        plan = plan_memory(read_shape(path), n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_seq=n_seq,
+                           n_outputs_max=n_seq)
+        context = new_context(model, n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, n_seq_max=n_seq,
+                              flash_attn=flash_attn, kv_type=GGML_TYPES[kv_type], n_threads=1, op_offload=False)
+        context.close()
+        model.close()
+    sizes = dict.fromkeys(("model", "KV", "compute", "output"), 0.0)
+    for _, kind, mib in BUFFER_LINE.findall("".join(lines)):
+        sizes[kind] += float(mib)
+    return sizes
+
+
+@pytest.mark.parametrize(("n_ctx", "n_seq", "kv_type", "flash_attn"), [
+    (512, 1, "f16", False), (4096, 2, "f16", False), (1000, 4, "f16", True), (8192, 4, "q8_0", True),
+    (16384, 8, "q4_0", True)])
+def test_plan_for_parallel_sequences_matches_llama_cpp(attention_gguf: Path, n_ctx: int, n_seq: int, kv_type: str,
+                                                       flash_attn: bool) -> None:
+    shape = read_shape(attention_gguf)
+    plan = plan_memory(shape, n_ctx, kv_type=kv_type, flash_attn=flash_attn, repack_types=repacked_types(),
+                       n_seq=n_seq, n_outputs_max=n_seq)
+    assert plan.n_ctx_seq >= n_ctx and plan.n_ctx == plan.n_ctx_seq * n_seq
+    got = measured_context_buffers(attention_gguf, n_ctx, n_seq, kv_type, flash_attn)
+    pairs = {"model": plan.weights_cpu, "KV": plan.kv_cpu, "compute": plan.compute_cpu, "output": plan.output}
+    for kind, planned in pairs.items():
+        assert planned / MiB == pytest.approx(got[kind], abs=max(1.0, 0.03 * got[kind])), kind
 
 
 @pytest.mark.parametrize(("n_ctx", "kv_type", "flash_attn"), [*CONFIGS, (262_144, "q4_0", True)])

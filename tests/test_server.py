@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -33,12 +34,12 @@ WEATHER_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
-def load_chain(tmp: Path, name: str, chain: list[int], n_ctx: int = 512) -> Model:
+def load_chain(tmp: Path, name: str, chain: list[int], n_ctx: int = 512, **load: Any) -> Model:
     folder = write_chain_checkpoint(tmp / name, chain, shards=1)
     (out := tmp / f"{name}-gguf").mkdir()
     [path] = convert(str(folder), ["f16"], outdir=out, quiet=True)
     # One thread: these models are tiny, and llama.cpp's thread barriers crawl on a busy 2-core machine.
-    return Model.load(path, n_ctx=n_ctx, gpu_layers=0, threads=1)
+    return Model.load(path, n_ctx=n_ctx, gpu_layers=0, threads=1, **load)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
     generate.py    run, chat, serve
     models.py      convert, pull, lock, verify, models, rm
     inspection.py  info, plan, doctor
+    handoff.py     handoff llama-server|vllm (the command that serves this model on a serving engine)
     options.py     option groups shared by several commands (model, memory, generation options)
     edge.py        library exceptions become one-line click errors
 """
@@ -14,7 +15,7 @@ import sys
 
 import click
 
-from localqwen.cli import generate, inspection, models
+from localqwen.cli import generate, handoff, inspection, models
 from localqwen.cli.edge import Group
 
 __all__ = ["cli", "main"]
@@ -26,7 +27,7 @@ def cli() -> None:
     """Run Qwen3-4B-Thinking-2507 on this machine, offline, through llama.cpp."""
 
 
-for command in (*generate.COMMANDS, *models.COMMANDS, *inspection.COMMANDS):
+for command in (*generate.COMMANDS, *models.COMMANDS, *inspection.COMMANDS, *handoff.COMMANDS):
     cli.add_command(command)
 
 

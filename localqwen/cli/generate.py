@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from localqwen.cli.edge import Command
-from localqwen.cli.options import generation_options, with_model
+from localqwen.cli.options import PARALLEL_OPTION, UPSTREAM, generation_options, with_model
 
 
 def read_prompt(prompt: str | None) -> str:
@@ -58,15 +60,42 @@ def run_command(model: Any, prompt: str | None, system: str | None, show_thinkin
 @generation_options
 @click.option("--hide-thinking", is_flag=True, help="Show only a one-line summary of the thinking.")
 @click.option("--verbose", is_flag=True, help="Print timing stats after each reply.")
+@click.option("--mcp", "mcp_config", metavar="CONFIG.json",
+              help='Give the model the tools of the MCP servers in this {"mcpServers": ...} file.')
+@click.option("--yes", "approved", metavar="TOOL,...", default="",
+              help="Run these tools without asking first (comma-separated; /tools lists them).")
 def chat_command(model: Any, system: str | None, max_tokens: int | None, thinking_budget: int | None,
-                 hide_thinking: bool, verbose: bool, **sampling: Any) -> None:
+                 hide_thinking: bool, verbose: bool, mcp_config: str | None, approved: str, **sampling: Any) -> None:
     """Chat in the terminal: thinking shown apart, /help for commands, Ctrl+D or /bye to leave."""
     from localqwen.chat import chat_repl
-    from localqwen.conversation import ChatSettings
+    from localqwen.conversation import Approvals, ChatSettings
 
-    chat_repl(model, ChatSettings(system=system, hide_thinking=hide_thinking, verbose=verbose, max_tokens=max_tokens,
-                                  thinking_budget=thinking_budget,
-                                  sampling={k: v for k, v in sampling.items() if v is not None}))
+    settings = ChatSettings(system=system, hide_thinking=hide_thinking, verbose=verbose, max_tokens=max_tokens,
+                            thinking_budget=thinking_budget,
+                            sampling={k: v for k, v in sampling.items() if v is not None})
+    with mcp_servers(mcp_config) as tools:
+        names = {tool.name for tool in tools}
+        preapproved = [name.strip() for name in approved.split(",") if name.strip()]
+        for name in preapproved:
+            if name not in names:
+                click.secho(f"localqwen: --yes {name}: no such tool (/tools lists them)", err=True, fg="yellow")
+        chat_repl(model, settings, tools=tools, approvals=Approvals(preapproved))
+
+
+@contextlib.contextmanager
+def mcp_servers(config: str | None) -> Iterator[list[Any]]:
+    """The tools of the MCP servers in `config` (none without one), the servers stopped afterwards; a server that
+    cannot start is one line on stderr, and the rest go on."""
+    if config is None:
+        yield []
+        return
+    from localqwen.mcp_tools import McpTools
+
+    click.echo("localqwen: starting the MCP servers...", err=True)
+    with McpTools.from_config(config) as servers:
+        for problem in servers.problems:
+            click.secho(f"localqwen: {problem}", err=True, fg="yellow")
+        yield servers.tools
 
 
 def check_origins(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
@@ -79,7 +108,8 @@ def check_origins(ctx: click.Context, param: click.Parameter, values: tuple[str,
 
 
 @click.command("serve", cls=Command)
-@with_model
+@with_model(remote=UPSTREAM)
+@PARALLEL_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", envvar="LOCALQWEN_API_KEY", help="Require this bearer key (env LOCALQWEN_API_KEY).")
@@ -87,12 +117,38 @@ def check_origins(ctx: click.Context, param: click.Parameter, values: tuple[str,
               help="deepseek: thinking in reasoning_content; none: <think>...</think> left in content.")
 @click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN", callback=check_origins,
               help="Let pages from ORIGIN (e.g. http://localhost:5173) call the API from a browser; repeatable.")
+@click.option("--mcp", "mcp_config", metavar="CONFIG.json",
+              help='Offer the chat page the tools of the MCP servers in this {"mcpServers": ...} file.')
+@click.option("--open", "open_page", is_flag=True, help="Open the chat page in the browser once the server is up.")
 def serve_command(model: Any, host: str, port: int, api_key: str | None, reasoning_format: str,
-                  cors_origins: tuple[str, ...]) -> None:
-    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page (/)."""
+                  cors_origins: tuple[str, ...], mcp_config: str | None, open_page: bool) -> None:
+    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page (/), of
+    a local model or, with --upstream, of a serving engine's."""
     from localqwen.server import serve
 
-    serve(model, host=host, port=port, api_key=api_key, reasoning_format=reasoning_format, cors_origins=cors_origins)
+    with mcp_servers(mcp_config) as tools:
+        serve(model, host=host, port=port, api_key=api_key, reasoning_format=reasoning_format,
+              cors_origins=cors_origins, tools=tools, open_page=open_page)
 
 
-COMMANDS = (run_command, chat_command, serve_command)
+@click.command("ui", cls=Command, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.pass_context
+def ui_command(ctx: click.Context, host: str, port: int) -> None:
+    """Open the chat page in the browser, starting `localqwen serve --open` first unless a localqwen server already
+    answers on HOST:PORT (other options go to serve: -m, --ctx, --api-key, ...)."""
+    import webbrowser
+
+    from localqwen.server.app import page_url, running_at
+
+    page = page_url(host, port)
+    if running_at(page):
+        click.echo(f"localqwen: the chat page is at {page}")
+        webbrowser.open(page)
+        return
+    serve_command.main(["--host", host, "--port", str(port), "--open", *ctx.args], prog_name="localqwen serve",
+                       standalone_mode=False)
+
+
+COMMANDS = (run_command, chat_command, serve_command, ui_command)

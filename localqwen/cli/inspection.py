@@ -8,7 +8,14 @@ from typing import Any
 import click
 
 from localqwen.cli.edge import Command, human_size, print_json
-from localqwen.cli.options import JSON_OPTION, MODEL_OPTION, context_size, memory_options, parse_gpu_layers
+from localqwen.cli.options import (
+    JSON_OPTION,
+    MODEL_OPTION,
+    context_size,
+    memory_options,
+    parse_gpu_layers,
+    parse_parallel,
+)
 from localqwen.constants import DEFAULT_CONTEXT
 from localqwen.errors import LocalqwenError
 
@@ -45,23 +52,27 @@ def info_command(model: str, as_json: bool) -> None:
 @click.command("plan", cls=Command)
 @MODEL_OPTION
 @memory_options
+@click.option("--parallel", default="1", show_default=True, metavar="N|auto", callback=parse_parallel,
+              help="Generations that run together, each with --ctx tokens of one shared KV cache.")
 @JSON_OPTION
 def plan_command(model_spec: str | None, n_ctx: str, kv_type: str, flash_attn: bool | None, gpu_layers: str,
-                 as_json: bool) -> None:
+                 parallel: int | str, as_json: bool) -> None:
     """Print the memory plan for a model and settings, and the largest context that fits this machine."""
     from localqwen.info import plan_report
     from localqwen.store import resolve_model
 
     ctx = context_size(n_ctx)
     report = plan_report(resolve_model(model_spec), ctx, kv_type=kv_type, flash_attn=flash_attn,
-                         gpu_layers=parse_gpu_layers(gpu_layers),
+                         gpu_layers=parse_gpu_layers(gpu_layers), parallel=parallel,
                          max_ctx=DEFAULT_CONTEXT if ctx == "auto" else None)
     if as_json:
         print_json(report)
         return
     plan = report["plan"]
     click.echo(f"model        {report['model']}")
-    click.echo(f"context      {plan['n_ctx']} tokens, KV cache {plan['kv_type']}, flash attention "
+    shared = (f" ({plan['n_seq']} generations at once, {plan['n_ctx_seq']} tokens each, in one unified KV cache)"
+              if plan["n_seq"] > 1 else "")
+    click.echo(f"context      {plan['n_ctx']} tokens{shared}, KV cache {plan['kv_type']}, flash attention "
                f"{'on' if plan['flash_attn'] else 'off'}, {plan['gpu_layers']} layers on the GPU")
     for part in ("weights", "kv", "compute"):
         click.echo(f"{part:<12} CPU {human_size(plan[part + '_cpu']):>10}   GPU {human_size(plan[part + '_gpu']):>10}")

@@ -2,7 +2,8 @@
 routes of each dialect (a module of wire format over the model's events: openai.py, responses.py, anthropic.py,
 ollama.py) and the utility routes.
 
-One generation at a time; up to `max_queue` requests wait, more get 503 with Retry-After. A client that disconnects
+Up to the model's `parallel` generations run together (engine.py batches them); up to `max_queue` more wait,
+beyond that a 503 with Retry-After. A client that disconnects
 (streaming or not, queued or running) stops its generation at the next token. Errors have OpenAI's shape
 {"error": {"message", "type", "param", "code"}} except under the paths of a dialect with its own (ERROR_SHAPES).
 """
@@ -10,8 +11,12 @@ One generation at a time; up to `max_queue` requests wait, more get 503 with Ret
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
+import webbrowser
 from collections.abc import AsyncIterator, Sequence
 
+import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -19,10 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from localqwen.model import Model
+from localqwen.remote import RemoteModel
 from localqwen.server import anthropic, metrics, ollama, openai, responses, utility
+from localqwen.server.agent import install_agent
 from localqwen.server.http import APIError, api_error
 from localqwen.server.runs import ClientGone, Scheduler
 from localqwen.server.state import REASONING_FORMATS, ServerState
+from localqwen.tools import Tool
 from localqwen.web import install_web
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -30,23 +38,24 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ERROR_SHAPES = ((anthropic.PATH_PREFIX, anthropic.error_response), (ollama.PATH_PREFIX, ollama.error_response))
 
 
-def create_app(model: Model, *, api_key: str | None = None, reasoning_format: str = "deepseek",
+def create_app(model: Model | RemoteModel, *, api_key: str | None = None, reasoning_format: str = "deepseek",
                model_id: str | None = None, max_queue: int = 8, max_body_bytes: int = 4 << 20,
-               cors_origins: Sequence[str] = ()) -> FastAPI:
-    """The API for `model`, and the web chat page at `/`. reasoning_format: "deepseek" (reasoning_content) or
-    "none" (<think> in content). cors_origins: other sites' pages allowed to call the API (localqwen.web.guard)."""
+               cors_origins: Sequence[str] = (), tools: Sequence[Tool] = ()) -> FastAPI:
+    """The API for `model` (a local one, or a RemoteModel: the engine behind it runs the generations), and the web
+    chat page at `/`. reasoning_format: "deepseek" (reasoning_content) or "none" (<think> in content). cors_origins:
+    other sites' pages allowed to call the API (localqwen.web.guard). tools: what the page's tool loop may call
+    (server/agent.py), e.g. MCP servers' tools."""
     if reasoning_format not in REASONING_FORMATS:
         raise ValueError(f"reasoning_format must be 'deepseek' or 'none', not {reasoning_format!r}")
     scheduler = Scheduler(model, max_queue)
     meter = metrics.Metrics(scheduler)
-    server = ServerState(model, model_id or model.path.stem, scheduler, api_key=api_key,
-                         reasoning_format=reasoning_format, max_body_bytes=max_body_bytes, observer=meter.watch)
+    server = ServerState(model, model_id or model_name(model), scheduler, api_key=api_key,
+                         reasoning_format=reasoning_format, max_body_bytes=max_body_bytes, observer=meter.observe)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        if server.scheduler.slot.locked():
-            model.cancel()  # shutting down: the running generation ends now, its worker thread with it
+        model.cancel()  # shutting down: running and waiting generations end now
 
     app = FastAPI(title="localqwen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server, app.state.metrics = server, meter
@@ -58,6 +67,7 @@ def create_app(model: Model, *, api_key: str | None = None, reasoning_format: st
     app.add_exception_handler(Exception, on_error)
     for dialect in (openai, responses, anthropic, ollama, utility, metrics):
         app.include_router(dialect.router)
+    install_agent(app, tools)
     install_web(app, cors_origins, root_text=ollama.ROOT_TEXT, refusal=guard_refusal)
     return app
 
@@ -97,13 +107,46 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
                                             code="not_found" if exc.status_code == 404 else None))
 
 
-def serve(model: Model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          reasoning_format: str = "deepseek", cors_origins: Sequence[str] = ()) -> None:
-    """Serve the API and the chat page until Ctrl+C (loopback only by default)."""
-    app = create_app(model, api_key=api_key, reasoning_format=reasoning_format, cors_origins=cors_origins)
-    shown = f"[{host}]" if ":" in host else host
-    print(f"localqwen: serving {model.path.stem} (context {model.n_ctx}) at http://{shown}:{port}/v1, "
-          f"chat page at http://{shown}:{port}/", flush=True)
+def model_name(model: Model | RemoteModel) -> str:
+    return model.model_id if isinstance(model, RemoteModel) else model.path.stem
+
+
+def serve(model: Model | RemoteModel, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          reasoning_format: str = "deepseek", cors_origins: Sequence[str] = (), tools: Sequence[Tool] = (),
+          open_page: bool = False) -> None:
+    """Serve the API and the chat page until Ctrl+C (loopback only by default); `open_page`: open the page in the
+    browser once the server answers."""
+    app = create_app(model, api_key=api_key, reasoning_format=reasoning_format, cors_origins=cors_origins,
+                     tools=tools)
+    page = page_url(host, port)
+    upstream = f" from {model.url}" if isinstance(model, RemoteModel) else ""
+    print(f"localqwen: serving {model_name(model)}{upstream} (context {model.n_ctx}) at {page}v1, chat page at {page}",
+          flush=True)
     if api_key is None and host not in LOOPBACK:
         print("localqwen: warning: listening beyond this machine without an API key (--api-key)", flush=True)
+    if open_page:
+        threading.Thread(target=open_when_up, args=(page,), daemon=True).start()
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3)
+
+
+def page_url(host: str, port: int) -> str:
+    """The chat page's address (a server listening on every address is reached on loopback)."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+def running_at(page: str) -> bool:
+    """Is a localqwen server answering there?"""
+    try:
+        return httpx.get(f"{page}health", timeout=2).json().get("status") == "ok"
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def open_when_up(page: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not running_at(page):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+    webbrowser.open(page)

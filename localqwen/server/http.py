@@ -11,7 +11,7 @@ import numpy as np
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from localqwen.errors import BadRequest, ContextOverflow, LocalqwenError, ModelBusy
+from localqwen.errors import BadRequest, ContextOverflow, LocalqwenError, ModelBusy, RemoteError
 
 # Deeper request JSON is refused (400) before it is parsed (see check_json).
 MAX_JSON_DEPTH = 100
@@ -49,6 +49,14 @@ def api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ModelBusy):
         return APIError(503, exc.message, type="server_busy", code="model_busy",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, RemoteError):  # the engine behind `serve --upstream`: its fault, unless it blamed the request
+        # Clients see the engine's own words, never its address.
+        if exc.status == 400:
+            return APIError(400, exc.detail, code=exc.code)
+        if exc.status in (429, 503):
+            return APIError(503, f"the upstream engine is busy: {exc.detail}", type="server_busy",
+                            code="upstream_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return APIError(502, f"the upstream engine failed: {exc.detail}", type="upstream_error", code="bad_gateway")
     if isinstance(exc, LocalqwenError):
         return APIError(500, exc.message, type="server_error")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")

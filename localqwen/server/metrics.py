@@ -18,8 +18,6 @@ stream counts when it ends, with the status it started with. /metrics needs the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -62,12 +60,10 @@ class Metrics:
     def of(request: Request) -> Metrics:
         return request.app.state.metrics
 
-    def watch(self, events: Iterator[Event]) -> Iterator[Event]:
-        """The generation's events, unchanged; its totals are counted before its done event is passed on."""
-        for event in events:
-            if event.kind == "done" and event.stats is not None:
-                self.count(event.stats)
-            yield event
+    def observe(self, event: Event) -> None:
+        """Sees each event of every generation; a done event's totals are counted."""
+        if event.kind == "done" and event.stats is not None:
+            self.count(event.stats)
 
     def count(self, stats: Stats) -> None:
         self.prompt_tokens.inc(stats.prompt_tokens)

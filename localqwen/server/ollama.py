@@ -40,8 +40,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
+from localqwen.constants import GGUF_ARCH
 from localqwen.events import Event
 from localqwen.model import Model
+from localqwen.remote import RemoteModel
 from localqwen.sampling import OPTION
 from localqwen.server.http import APIError, api_error
 from localqwen.server.openai import REASONING_EFFORT, ChatOutput, GenerationOptions, Strict, Tool
@@ -264,7 +266,10 @@ def loaded(server: ServerState, chat: bool) -> JSONResponse:
 
 # --- model information -------------------------------------------------------------------------------------------
 
-def details(model: Model) -> dict[str, Any]:
+def details(model: Model | RemoteModel) -> dict[str, Any]:
+    if isinstance(model, RemoteModel):  # an upstream engine's model (serve --upstream): no file to describe
+        return {"parent_model": "", "format": "", "family": GGUF_ARCH, "families": [GGUF_ARCH], "parameter_size": "",
+                "quantization_level": ""}
     meta = model.meta
     return {"parent_model": "", "format": "gguf", "family": meta.architecture, "families": [meta.architecture],
             "parameter_size": parameter_size(parameter_count(model)), "quantization_level": meta.quant.upper()}
@@ -282,12 +287,16 @@ def parameter_size(count: int) -> str:
 def listing(server: ServerState) -> dict[str, Any]:
     """The model as /api/tags and /api/ps list it. The digest identifies the file (path, size, time), without
     hashing gigabytes."""
-    stat = server.model.path.stat()
-    identity = f"{server.model.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    model = server.model
+    if isinstance(model, RemoteModel):
+        size, modified, identity = 0, float(server.created), f"{model.url}:{model.model_id}"
+    else:
+        stat = model.path.stat()
+        size, modified = stat.st_size, stat.st_mtime
+        identity = f"{model.path.resolve()}:{size}:{stat.st_mtime_ns}"
     return {"name": server.model_id, "model": server.model_id,
-            "modified_at": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat().replace("+00:00", "Z"),
-            "size": stat.st_size, "digest": hashlib.sha256(identity.encode()).hexdigest(),
-            "details": details(server.model)}
+            "modified_at": datetime.fromtimestamp(modified, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "size": size, "digest": hashlib.sha256(identity.encode()).hexdigest(), "details": details(model)}
 
 
 # --- routes ------------------------------------------------------------------------------------------------------
@@ -336,14 +345,19 @@ async def show(request: Request) -> dict[str, Any]:
     server = ServerState.of(request)
     await server.read(request, ShowRequest)
     model = server.model
-    info: dict[str, Any] = {key: value for key, value in model.meta.header.metadata.items()
-                            if isinstance(value, (str, int, float, bool)) and not key.startswith("tokenizer.")}
-    info["general.parameter_count"] = parameter_count(model)
-    info[f"{model.meta.architecture}.context_length"] = model.n_ctx
+    if isinstance(model, RemoteModel):  # what an upstream engine's model is known by
+        info: dict[str, Any] = {"general.architecture": GGUF_ARCH}
+        source, template = f"{model.model_id} (an upstream engine's)", ""
+    else:
+        info = {key: value for key, value in model.meta.header.metadata.items()
+                if isinstance(value, (str, int, float, bool)) and not key.startswith("tokenizer.")}
+        info["general.parameter_count"] = parameter_count(model)
+        source, template = str(model.path), model.template
+    info[f"{GGUF_ARCH}.context_length"] = model.n_ctx
     sampling = {k: v for k, v in model.sampling.to_dict().items() if v is not None}
     parameters = "\n".join(f"{k:<20}{v}" for k, v in {**sampling, "num_ctx": model.n_ctx}.items())
-    return {"modelfile": f"# localqwen serves this model as it is\nFROM {model.path}\n", "parameters": parameters,
-            "template": model.template, "details": details(model), "model_info": info,
+    return {"modelfile": f"# localqwen serves this model as it is\nFROM {source}\n", "parameters": parameters,
+            "template": template, "details": details(model), "model_info": info,
             "capabilities": ["completion", "tools", "thinking"], "modified_at": listing(server)["modified_at"]}
 
 
@@ -351,9 +365,10 @@ async def show(request: Request) -> dict[str, Any]:
 async def running_models(request: Request) -> dict[str, Any]:
     server = ServerState.of(request)
     server.authorize(request)
-    plan = server.model.plan
-    return {"models": [{**listing(server), "size": plan.total_cpu + plan.total_gpu, "size_vram": plan.total_gpu,
-                        "expires_at": None, "context_length": server.model.n_ctx}]}
+    model = server.model
+    size, vram = (0, 0) if isinstance(model, RemoteModel) else (model.plan.total, model.plan.total_gpu)
+    return {"models": [{**listing(server), "size": size, "size_vram": vram, "expires_at": None,
+                        "context_length": model.n_ctx}]}
 
 
 @router.get("/api/version")

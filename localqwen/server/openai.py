@@ -235,11 +235,14 @@ class Reply:
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def choice(self, delta: dict[str, Any] | None, finish_reason: str | None) -> dict[str, Any]:
+        stats = self.output.stats
+        # The stop string that ended the reply, as vLLM reports it (localqwen's remote backend reads it back).
+        stopped = {"stop_reason": stats.stop_sequence} if finish_reason and stats and stats.stop_sequence else {}
         if not self.chat:
             text = "".join(self.output.content) if delta is None else delta.get("content", "")
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, **stopped}
         key, value = ("message", self.output.message()) if delta is None else ("delta", delta)
-        return {"index": 0, key: value, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, key: value, "logprobs": None, "finish_reason": finish_reason, **stopped}
 
     def whole(self, events: list[Event]) -> JSONResponse:
         for event in events:

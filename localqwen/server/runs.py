@@ -1,78 +1,55 @@
-"""Generations across the thread boundary: each runs in a worker thread and its events reach the event loop through
-an asyncio queue; the scheduler decides when one may start; a streamed response stops its generation however it
-ends (finished, client gone, error)."""
+"""Generations on the event loop: the model's streams (continuous batching runs them together in its own thread)
+consumed with `async for`; the scheduler bounds how many wait; a streamed response stops its generation however
+it ends (finished, client gone, error)."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from localqwen.errors import LocalqwenError
 from localqwen.events import Event
 from localqwen.model import Model
+from localqwen.remote import RemoteModel, RemoteStream
 from localqwen.server.http import RETRY_AFTER_S, APIError, api_error
+from localqwen.stream import Stream
 
 T = TypeVar("T")
 
-_STARTED, _END = object(), object()
-
 
 class Generation:
-    """One model run in a worker thread; its events reach the event loop through an asyncio queue."""
+    """One generation of the model, taken on the event loop; `on_event` sees each event as it passes."""
 
-    def __init__(self, model: Model, start: Callable[[], Iterator[Event]]) -> None:
-        self.model, self._start = model, start
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._stop = threading.Event()
-        self._ended = False  # the loop side has seen _END: the generation is over
-        self.future: asyncio.Future[None] | None = None  # the worker; the model is ours until it is done
-
-    def run(self) -> None:
-        """The worker thread: start the generation, forward its events, always end with _END."""
-        def put(item: Any) -> None:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
-        try:
-            events = self._start()
-            put(_STARTED)
-            try:
-                for event in events:
-                    put(event)
-                    if self._stop.is_set():
-                        self.model.cancel()  # again: a cancel before the model lock was taken is cleared by it
-            finally:
-                close = getattr(events, "close", None)
-                if close is not None:
-                    close()
-        except Exception as exc:
-            put(exc)
-        finally:
-            put(_END)
-
-    def stop(self) -> None:
-        """Cancel the generation (from the event loop); it ends at its next token with a done event."""
-        self._stop.set()
-        if not self._ended and self.future is not None and not self.future.done():
-            self.model.cancel()  # the model runs nothing but this generation until the future is done
+    def __init__(self, stream: Stream | RemoteStream, on_event: Callable[[Event], None] | None = None) -> None:
+        self.stream, self._on_event = stream, on_event
 
     async def open(self) -> None:
-        """Wait until the generation has started; raise what kept it from starting."""
-        item = await self._queue.get()
-        if item is not _STARTED:
-            raise api_error(item) if isinstance(item, BaseException) else APIError(500, "generation did not start")
+        """Wait until the model has taken the generation into a slot; raise what kept it from starting."""
+        try:
+            await self.stream.wait_started()
+        except LocalqwenError as exc:
+            raise api_error(exc) from None
 
     async def next(self) -> Event | None:
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        self._ended = item is _END
-        return None if self._ended else item
+        """The next event, or None after the last."""
+        try:
+            event = await self.stream.__anext__()
+        except StopAsyncIteration:
+            return None
+        except LocalqwenError as exc:
+            raise api_error(exc) from None
+        if self._on_event is not None:
+            self._on_event(event)
+        return event
+
+    def stop(self) -> None:
+        """Cancel the generation; it ends at its next token with a done event (finish reason "cancelled")."""
+        self.stream.cancel()
 
 
 class ClientGone(Exception):
@@ -99,39 +76,41 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
 
 
 class Scheduler:
-    """One generation at a time; at most `max_queue` requests wait for it."""
+    """Up to the model's `parallel` generations run together; at most `max_queue` more wait for a slot."""
 
-    def __init__(self, model: Model, max_queue: int) -> None:
+    def __init__(self, model: Model | RemoteModel, max_queue: int) -> None:
         self.model, self.max_queue = model, max_queue
-        self.slot = asyncio.Lock()
-        self.waiting = 0
+        self._unplaced = 0  # requests being started: tokenized, queued in the model, not yet in a slot
 
     @property
     def running(self) -> int:
         """Generations running now."""
-        return int(self.slot.locked())
+        return self.model.running
 
-    async def start(self, request: Request, start: Callable[[], Iterator[Event]]) -> Generation:
-        if self.slot.locked() and self.waiting >= self.max_queue:
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot."""
+        return max(0, self._unplaced - (self.model.parallel - self.model.running))
+
+    async def start(self, request: Request, start: Callable[[], Stream | RemoteStream],
+                    on_event: Callable[[Event], None] | None = None) -> Generation:
+        """Start a generation (`start` calls the model) and wait until it has a slot; 503 when too many wait."""
+        if self.waiting >= self.max_queue:
             raise APIError(503, f"the server is busy ({self.waiting} requests waiting); retry later",
                            type="server_busy", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
-        self.waiting += 1
+        self._unplaced += 1
         try:
-            await until_disconnected(request, self.slot.acquire())
+            try:  # rendering and tokenizing a long prompt takes a while: not on the event loop
+                generation = Generation(await asyncio.to_thread(start), on_event)
+            except LocalqwenError as exc:
+                raise api_error(exc) from None
+            try:
+                await until_disconnected(request, generation.open())
+            except BaseException:
+                generation.stop()
+                raise
         finally:
-            self.waiting -= 1
-        generation = Generation(self.model, start)
-        try:
-            generation.future = asyncio.get_running_loop().run_in_executor(None, generation.run)
-        except BaseException:
-            self.slot.release()
-            raise
-        generation.future.add_done_callback(lambda _: self.slot.release())
-        try:
-            await until_disconnected(request, generation.open())
-        except BaseException:
-            generation.stop()
-            raise
+            self._unplaced -= 1
         return generation
 
 

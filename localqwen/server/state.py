@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -15,8 +15,10 @@ from pydantic import BaseModel
 
 from localqwen.events import Event
 from localqwen.model import Model
+from localqwen.remote import RemoteModel, RemoteStream
 from localqwen.server.http import APIError, parse_body
 from localqwen.server.runs import Generation, Scheduler
+from localqwen.stream import Stream
 
 M = TypeVar("M", bound=BaseModel)
 REASONING_FORMATS = ("deepseek", "none")
@@ -24,7 +26,7 @@ REASONING_FORMATS = ("deepseek", "none")
 
 @dataclass
 class ServerState:
-    model: Model
+    model: Model | RemoteModel
     model_id: str
     scheduler: Scheduler
     api_key: str | None = None
@@ -32,7 +34,7 @@ class ServerState:
     max_body_bytes: int = 4 << 20
     created: int = field(default_factory=lambda: int(time.time()))
     # Sees every generation's events on their way to the client (the metrics); runs in the generation's thread.
-    observer: Callable[[Iterator[Event]], Iterator[Event]] | None = None
+    observer: Callable[[Event], None] | None = None  # sees every generation's events (the metrics count them)
 
     @staticmethod
     def of(request: Request) -> ServerState:
@@ -66,9 +68,6 @@ class ServerState:
                 raise too_big
         return parse_body(bytes(body), kind)
 
-    async def start(self, request: Request, start: Callable[[], Iterator[Event]]) -> Generation:
-        """Queue `start` (a call that returns a generation's events) and wait until it runs."""
-        observer = self.observer
-        if observer is not None:
-            return await self.scheduler.start(request, lambda: observer(start()))
-        return await self.scheduler.start(request, start)
+    async def start(self, request: Request, start: Callable[[], Stream | RemoteStream]) -> Generation:
+        """Start a generation (`start` calls the model and returns its stream) and wait until it has a slot."""
+        return await self.scheduler.start(request, start, self.observer)

@@ -40,8 +40,9 @@ class DetokenizeRequest(Strict):
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
     server = ServerState.of(request)
-    return {"status": "ok", "model": server.model_id, "generating": server.scheduler.slot.locked(),
-            "waiting": server.scheduler.waiting}
+    scheduler = server.scheduler
+    return {"status": "ok", "model": server.model_id, "generating": scheduler.running > 0,
+            "running": scheduler.running, "waiting": scheduler.waiting, "slots": server.model.parallel}
 
 
 @router.get("/props")

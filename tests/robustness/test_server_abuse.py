@@ -695,7 +695,7 @@ def test_generations_leave_no_native_sampler_memory_behind(env: SimpleNamespace)
     try:
         for _ in range(20):
             assert_answers(env)
-        holding = [o for o in gc.get_objects() if isinstance(o, Sampler) and o._chain is not None]
+        holding = [o for o in gc.get_objects() if isinstance(o, Sampler) and o._free is not None]
     finally:
         gc.enable()
     # A finished generation frees its llama.cpp sampler chain at once: none is left after 20 of them.

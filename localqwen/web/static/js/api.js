@@ -15,7 +15,7 @@ export const apiKey = {
   set: (key) => localStorage.setItem(KEY_STORAGE, key),
 };
 
-async function request(path, { method = "GET", body, signal } = {}) {
+export async function request(path, { method = "GET", body, signal } = {}) {
   const headers = {};
   const key = apiKey.get();
   if (key) headers.Authorization = `Bearer ${key}`;
@@ -39,9 +39,9 @@ async function errorMessage(response) {
 /** The model's name, context and defaults (GET /props), and whether the API needs a key. */
 export const getProps = async () => (await request("props")).json();
 
-/** Tokens of the prompt the chat template makes from `messages` (generation prompt included). */
-export async function countTokens(messages) {
-  const response = await request("tokenize", { method: "POST", body: { messages } });
+/** Tokens of the prompt the chat template makes from `messages` and `tools` (generation prompt included). */
+export async function countTokens(messages, tools) {
+  const response = await request("tokenize", { method: "POST", body: { messages, tools } });
   return (await response.json()).count;
 }
 
@@ -57,6 +57,14 @@ export async function streamChat(body, signal, onChunk) {
   const response = await request("v1/chat/completions", {
     method: "POST", signal, body: { ...body, stream: true, stream_options: { include_usage: true } },
   });
+  await readEvents(response, (chunk) => {
+    if (chunk.error) throw new ApiError(500, chunk.error.message);
+    onChunk(chunk);
+  });
+}
+
+/** onData(data) for the JSON of each server-sent event of `response`, until the stream ends or sends [DONE]. */
+export async function readEvents(response, onData) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
@@ -70,10 +78,7 @@ export async function streamChat(body, signal, onChunk) {
       const data = event.split("\n").filter((line) => line.startsWith("data:"))
         .map((line) => line.slice(5).trimStart()).join("\n");
       if (data === "[DONE]") return;
-      if (!data) continue;
-      const chunk = JSON.parse(data);
-      if (chunk.error) throw new ApiError(500, chunk.error.message);
-      onChunk(chunk);
+      if (data) onData(JSON.parse(data));
     }
   }
 }

@@ -1,5 +1,6 @@
 // The chat page: conversations in the sidebar, the open one in the middle, a streamed reply at a time.
 
+import { alwaysTools, answerCall, getTools, streamTurn, toolSchemas, turnMessages } from "./agent.js";
 import { answerNow, ApiError, apiKey, countTokens, getProps } from "./api.js";
 import { streamInto } from "./reply.js";
 import { addEffortOptions, fillForm, readForm, requestFields } from "./settings.js";
@@ -14,14 +15,16 @@ const ui = {
   contextUse: $("context-use"), messages: $("messages"), composer: $("composer"), input: $("input"),
   send: $("send"), stop: $("stop"), answerNow: $("answer-now"), notice: $("notice"), modelName: $("model-name"),
   settings: $("settings"), settingsForm: $("settings-form"), keyDialog: $("key-dialog"), keyForm: $("key-form"),
-  importFile: $("import-file"), exportButton: $("export"),
+  importFile: $("import-file"), exportButton: $("export"), toolsOption: $("tools-option"), useTools: $("use-tools"),
+  toolsLabel: $("tools-label"),
 };
 const CURRENT_KEY = "localqwen.current";
 
 let props;                // GET /props: model, context_length, defaults
 let conversations = [];   // all stored, most recent first
 let current;              // the conversation on screen (stored once it has a message)
-let running = null;       // { conversation, message, controller, id } while a reply streams
+let running = null;       // { conversation, message, controller, id, run } while a reply streams
+let tools = [];           // the server's tools (serve --mcp): replies go through its tool loop while "Tools" is on
 let checking = false;     // a message is being measured against the context, before it goes out
 let views = new Map();    // message -> its view, for the conversation on screen
 
@@ -151,7 +154,7 @@ function titleFrom(text) {
 function addView(message) {
   const view = message.role === "user"
     ? userView(message, { onEdit: editMessage })
-    : assistantView(message, { onRegenerate: regenerate });
+    : assistantView(message, { onRegenerate: regenerate, onDecide: decide });
   views.set(message, view);
   ui.messages.append(view.element);
   if (running?.message === message) view.update({ live: true });
@@ -175,21 +178,25 @@ function refresh(message, live) {
 }
 
 /** The conversation as the API wants it: the system prompt, then each turn's text (earlier thinking is dropped, as
- * the model card recommends; a reply stopped before its answer has nothing to send). */
+ * the model card recommends; a reply stopped before its answer has nothing to send), tool calls and results included. */
 function apiMessages(settings, messages) {
   const out = settings.system ? [{ role: "system", content: settings.system }] : [];
-  for (const { role, content } of messages) {
-    if (role === "user" || content) out.push({ role, content });
+  for (const message of messages) {
+    if (message.role === "user") out.push({ role: "user", content: message.content });
+    else out.push(...turnMessages(message));
   }
   return out;
 }
+
+const toolsOn = () => tools.length > 0 && ui.useTools.checked;
+const tokens = (messages) => countTokens(messages, toolsOn() ? toolSchemas(tools) : undefined);
 
 async function updateContext() {
   const conversation = current;
   const messages = apiMessages(conversation.settings, conversation.messages);
   let used = 0;
   try {
-    if (messages.length) used = await countTokens(messages);
+    if (messages.length) used = await tokens(messages);
   } catch {
     ui.contextUse.textContent = "";
     return;
@@ -201,10 +208,10 @@ async function updateContext() {
 
 /** Whether the prompt `messages` make fits the context; if not, say so with the numbers (the server's own rule). */
 async function fits(messages) {
-  const tokens = await withKey(() => countTokens(messages));
-  if (tokens < props.context_length) return true;
-  notice(`This message does not fit: with the conversation it makes a prompt of ${count(tokens)} tokens, and the `
-    + `model's context holds ${count(props.context_length)} (${count(tokens - props.context_length + 1)} too many). `
+  const prompt = await withKey(() => tokens(messages));
+  if (prompt < props.context_length) return true;
+  notice(`This message does not fit: with the conversation it makes a prompt of ${count(prompt)} tokens, and the `
+    + `model's context holds ${count(props.context_length)} (${count(prompt - props.context_length + 1)} too many). `
     + "Shorten it, or start a new chat.");
   return false;
 }
@@ -296,7 +303,7 @@ async function reply(conversation) {
   conversation.messages.push(message);
   await persist(conversation);
   const controller = new AbortController();
-  running = { conversation, message, controller, id: null };
+  running = { conversation, message, controller, id: null, run: null };
   setRunning();
   if (conversation === current) addView(message);
 
@@ -308,11 +315,16 @@ async function reply(conversation) {
     });
   };
   try {
-    await withKey(() => streamInto(message, body, controller.signal, (id) => {
-      running.id ??= id;
-      updateAnswerNow();
-      scheduleRefresh();
-    }));
+    await withKey(() => (toolsOn()
+      ? streamTurn(message, { ...body, approved: alwaysTools.get() }, controller.signal, (run) => {
+        running.run ??= run;
+        scheduleRefresh();
+      })
+      : streamInto(message, body, controller.signal, (id) => {
+        running.id ??= id;
+        updateAnswerNow();
+        scheduleRefresh();
+      })));
     if (!message.finish_reason) message.error = "the connection closed before the reply finished";
   } catch (error) {
     if (controller.signal.aborted) message.stopped = true;
@@ -328,6 +340,20 @@ async function reply(conversation) {
 
 function stop() {
   running?.controller.abort();
+}
+
+/** The user's answer to a tool call that waits for approval: "allow", "always" (this tool, in this browser) or
+ * "refuse". */
+async function decide(message, step, decision) {
+  if (running?.message !== message || !running.run || step.status !== "approval") return;
+  if (decision === "always") alwaysTools.add(step.name);
+  step.status = decision === "refuse" ? "refused" : "running";  // until the server's result comes
+  refresh(message, true);
+  try {
+    await answerCall(running.run, step.id, decision !== "refuse", decision === "always");
+  } catch (error) {
+    notice(error.message);
+  }
 }
 
 function setRunning() {
@@ -392,6 +418,7 @@ function wire() {
     }
   });
   ui.input.addEventListener("input", autosize);
+  ui.useTools.addEventListener("change", updateContext);
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && running && !document.querySelector("dialog[open]")) {
       event.preventDefault();
@@ -429,6 +456,10 @@ async function boot() {
   ui.modelName.textContent = `${props.model} · context ${count(props.context_length)} tokens`;
   addEffortOptions(ui.settingsForm.elements.reasoning_effort, props.reasoning_effort);
   if (props.api_key_required && !apiKey.get()) await askForKey("This server needs an API key.");
+  tools = await getTools().catch(() => []);  // (a wrong key is asked for again when a message goes out)
+  ui.toolsOption.hidden = tools.length === 0;
+  ui.toolsLabel.textContent = `Tools (${tools.length})`;
+  ui.toolsOption.title = tools.map((tool) => `${tool.name} (${tool.server || "python"}): ${tool.description}`).join("\n");
   conversations = await listConversations();
   const last = localStorage.getItem(CURRENT_KEY);
   openConversation(conversations.find((c) => c.id === last) ?? newConversation());

@@ -2,6 +2,7 @@
 // and written to / read from JSON files. An imported file is untrusted: only known fields of the right types are
 // kept, and everything is shown as text or through the sanitiser.
 
+import { readSteps, readTurn } from "./agent.js";
 import { SETTING_TYPES } from "./settings.js";
 
 const DB_NAME = "localqwen";
@@ -97,6 +98,9 @@ function readMessage(message, where) {
     check(isObject(message.stats), `${where}.stats`, "must be an object");
     out.stats = pick(message.stats, Object.fromEntries(STAT_NAMES.map((n) => [n, "number"])), `${where}.stats`);
   }
+  // A turn through the tool loop (serve --mcp): its calls as shown, and the messages it sends back.
+  if (message.role === "assistant" && message.tools !== undefined) out.tools = readSteps(message.tools, `${where}.tools`);
+  if (message.role === "assistant" && message.turn !== undefined) out.turn = readTurn(message.turn, `${where}.turn`);
   return out;
 }
 

@@ -1,6 +1,7 @@
 // The DOM of one message, built from the page's <template>s. Every text from the model or a file goes in as
 // textContent, except the answer, which goes through renderMarkdown (the sanitiser).
 
+import { renderSteps } from "./agent.js";
 import { copyButton, renderMarkdown } from "./render.js";
 
 const seconds = (s) => `${s < 10 ? s.toFixed(1) : Math.round(s)} s`;
@@ -38,6 +39,9 @@ function noteFor(message) {
       + "a thinking budget, in Settings, then Regenerate.", kind: "warning" };
   }
   if (message.finish_reason === "length") return { text: "The answer was cut off at the token limit.", kind: "warning" };
+  if (message.finish_reason === "max_rounds") {
+    return { text: "Stopped at the limit of tool rounds: the model still wanted to call tools.", kind: "warning" };
+  }
   if (message.stopped) return { text: "Stopped.", kind: "info" };
   return null;
 }
@@ -50,12 +54,13 @@ export function userView(message, { onEdit }) {
   return { element, update() { bubble.textContent = message.content; } };
 }
 
-export function assistantView(message, { onRegenerate }) {
+export function assistantView(message, { onRegenerate, onDecide }) {
   const element = clone("assistant-message");
   const details = element.querySelector(".thinking");
   const summary = details.querySelector("summary");
   const thinking = element.querySelector(".thinking-text");
   const answer = element.querySelector(".answer");
+  const tools = element.querySelector(".tools");
   const note = element.querySelector(".note");
   const stats = element.querySelector(".stats");
   const actions = element.querySelector(".actions");
@@ -78,6 +83,7 @@ export function assistantView(message, { onRegenerate }) {
       thinking.textContent = message.reasoning ?? "";
       if (live) thinking.scrollTop = thinking.scrollHeight;
     }
+    renderSteps(tools, message, onDecide);
     if (renderedAnswer !== message.content) {
       renderMarkdown(answer, message.content);
       renderedAnswer = message.content;
