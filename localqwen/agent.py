@@ -202,6 +202,11 @@ class AgentRun:
         if self._stream is not None:
             self._stream.cancel()
 
+    def end_thinking(self) -> None:
+        """Ask the round generating now to wrap up its thinking and answer (from any thread)."""
+        if self._stream is not None:
+            self._stream.end_thinking()
+
     def collect(self) -> AgentRun:
         for _ in self:
             pass

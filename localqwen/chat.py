@@ -1,7 +1,8 @@
 """`localqwen chat`: an interactive terminal chat in the manner of Ollama's.
 
 The thinking streams live and dimmed under a "Thinking..." header and collapses to a one-line summary when the answer
-starts; the answer renders as Markdown (plain text when the output is not a terminal). Each turn sends the whole
+starts; Enter while it thinks makes the model answer now (chat_keys). The answer renders as Markdown (plain text when
+the output is not a terminal). Each turn sends the whole
 conversation (llama.cpp reuses the cached prefix); turns that no longer fit the context are dropped, never silently.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
+from localqwen.chat_keys import ANSWER_NOW_HINT, watch_keys
 from localqwen.chat_view import ReplyView
 from localqwen.conversation import (
     Approvals,
@@ -34,7 +36,7 @@ from localqwen.conversation import (
     validate,
 )
 from localqwen.errors import BadRequest, LocalqwenError
-from localqwen.events import Stats
+from localqwen.events import Event, Stats
 from localqwen.model import Model
 from localqwen.remote import RemoteModel
 from localqwen.tools import Tool
@@ -50,7 +52,8 @@ HELP = """\
 /clear           forget the conversation (the system prompt stays)
 /save FILE       save the conversation and settings as JSON; /load FILE restores them
 /bye             leave (or Ctrl+D)
-Alt+Enter (or Esc, Enter) starts a new line; \"\"\" opens and closes a multi-line message; Ctrl+C stops a reply."""
+Alt+Enter (or Esc, Enter) starts a new line; \"\"\" opens and closes a multi-line message; Ctrl+C stops a reply;
+Enter while the model thinks makes it answer now."""
 
 
 class ChatSession:
@@ -67,6 +70,8 @@ class ChatSession:
         self.last: Stats | None = None
         self.last_thinking = ""
         self.used = 0  # context tokens the conversation takes
+        self.keys_fd: int | None = None  # the terminal to read keys from while a reply streams (chat_repl sets it)
+        self.typed = ""  # text typed while a reply streamed: the next prompt starts with it
 
     def prompt_of(self, messages: list[Message]) -> list[Message]:
         return ([{"role": "system", "content": self.settings.system}] if self.settings.system else []) + messages
@@ -145,7 +150,8 @@ class ChatSession:
                   f"{t.get('prompt_tokens_per_s', 0)} tokens/s, first token after {t.get('prompt_eval_s', 0):.2f} s\n"
                   f"  generation  {st.completion_tokens} tokens ({st.thinking_tokens} thinking, {st.content_tokens} "
                   f"answer), {t.get('tokens_per_s', 0)} tokens/s over {t.get('generation_s', 0):.2f} s\n"
-                  f"  finish      {st.finish_reason}; context {self.used}/{self.model.n_ctx} tokens")
+                  f"  finish      {st.finish_reason}; context {self.used}/{self.model.n_ctx} tokens"
+                  + (f"\n  thinking    wrapped up by the {st.wrap_up.replace('_', ' ')}" if st.wrap_up else ""))
 
     def clear(self, arg: str) -> None:
         self.messages, self.used = [], 0
@@ -180,7 +186,8 @@ class ChatSession:
                 if self.tools:
                     thinking, content, stats, added = self.act(self.prompt_of(messages), options)
                 else:
-                    thinking, content, stats = self.view().run(self.model.chat(self.prompt_of(messages), **options))
+                    stream = self.model.chat(self.prompt_of(messages), **options)
+                    thinking, content, stats = self.draw(stream, stream.end_thinking)
                     added = [{"role": "assistant", "content": content, **(
                         {"reasoning_content": thinking} if thinking else {})}]
         except LocalqwenError as exc:
@@ -207,8 +214,14 @@ class ChatSession:
                       "be dropped to make room for new ones; /clear starts afresh", style="yellow")
         self.console.print()
 
-    def view(self) -> ReplyView:
-        return ReplyView(self.console, not self.settings.hide_thinking, self.tokens_in)
+    def draw(self, events: Iterator[Event], end_thinking: Callable[[], None]) -> tuple[str, str, Stats]:
+        """Draw one reply as it streams; on a terminal, Enter while it thinks calls `end_thinking` (answer now)."""
+        remote_without_tokenizer = isinstance(self.model, RemoteModel) and not self.model.can_tokenize
+        with watch_keys(None if remote_without_tokenizer else self.keys_fd, end_thinking) as keys:
+            hint = None if keys is None else lambda: "answering now" if keys.pressed else ANSWER_NOW_HINT
+            shown = ReplyView(self.console, not self.settings.hide_thinking, self.tokens_in, hint).run(events)
+        self.typed += keys.typed if keys is not None else ""
+        return shown
 
     def act(self, prompt: list[Message], options: dict[str, Any]) -> tuple[str, str, Stats, list[Message]]:
         """A reply through the tool loop: each round drawn as a reply, each call asked for, each result one line.
@@ -218,7 +231,7 @@ class ChatSession:
         events, shown = iter(self.run), ("", "", Stats(finish_reason="cancelled"))
         while (first := next(events, None)) is not None:
             if first.tool_result is None:
-                shown = self.view().run(one_round(first, events))
+                shown = self.draw(one_round(first, events), self.run.end_thinking)
             else:
                 self.note(*result_line(first.tool_result, self.console.width))
         if self.run.finish_reason == "cancelled":  # between rounds too, or at a question
@@ -253,9 +266,10 @@ class ChatSession:
             signal.signal(signal.SIGINT, previous)
 
 
-def read_message(session: Any) -> tuple[str, bool]:
-    """One message from the prompt, and whether it was a \"\"\" block (where a leading / is text, not a command)."""
-    line = session.prompt(">>> ")
+def read_message(session: Any, typed: str = "") -> tuple[str, bool]:
+    """One message from the prompt (starting with `typed`), and whether it was a \"\"\" block (where a leading / is
+    text, not a command)."""
+    line = session.prompt(">>> ", default=typed)
     if not line.lstrip().startswith('"""'):
         return line.strip(), False
     text = line.lstrip()[3:]
@@ -305,11 +319,14 @@ def chat_repl(model: Model | RemoteModel, settings: ChatSettings, *, input: Any 
         output=None if output is None else create_output(output) if output.isatty() else DummyOutput())
     chat.ask = session.prompt if isinstance(session, PlainPrompt) else PromptSession(  # approvals: no history
         input=session.input, output=session.output).prompt
+    if input is None and isinstance(session, PromptSession):  # the terminal: keys while a reply streams too
+        chat.keys_fd = sys.stdin.fileno()
     name = f"{model.model_id} at {model.url}" if isinstance(model, RemoteModel) else model.path.name
     chat.note(f"localqwen chat · {name} · context {model.n_ctx} tokens · /help for commands, Ctrl+D or /bye to leave")
     while True:
         try:
-            text, block = read_message(session)
+            typed, chat.typed = chat.typed, ""
+            text, block = read_message(session, typed)
             if text.startswith("/") and not block:
                 if not chat.command(text):
                     break

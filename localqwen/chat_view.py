@@ -1,5 +1,6 @@
-"""How the terminal chat draws a streamed reply: the thinking live and dimmed under a "Thinking..." header, then a
-one-line summary when the answer starts; the answer as Markdown (plain text when the output is not a terminal)."""
+"""How the terminal chat draws a streamed reply: the thinking live and dimmed under a "Thinking..." header (with the
+key that ends it, on a terminal), then a one-line summary when the answer starts; the answer as Markdown (plain text
+when the output is not a terminal)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ class Tail:
 class ReplyView:
     """Draws one streamed reply: the thinking apart (live, then a summary line), then the answer."""
 
-    def __init__(self, console: Console, show_thinking: bool, count_tokens: Callable[[str], int]) -> None:
-        self.console, self.show_thinking, self.count_tokens = console, show_thinking, count_tokens
+    def __init__(self, console: Console, show_thinking: bool, count_tokens: Callable[[str], int],
+                 hint: Callable[[], str] | None = None) -> None:
+        """`hint`: what the thinking header says about the keys (answer now), asked at each refresh."""
+        self.console, self.show_thinking, self.count_tokens, self.hint = console, show_thinking, count_tokens, hint
         self.live = console.is_terminal  # else plain text, written as it comes
         self.thinking: list[str] = []
         self.content: list[str] = []
@@ -96,7 +99,8 @@ class ReplyView:
             self.region.start()
 
     def thinking_view(self) -> RenderableType:
-        header = Text.assemble(("Thinking...", "bold"), (f" {time.perf_counter() - self.started:.0f} s", "dim"))
+        header = Text.assemble(("Thinking...", "bold"), (f" {time.perf_counter() - self.started:.0f} s", "dim"),
+                               (f" · {self.hint()}" if self.hint else "", "dim"))
         if not self.show_thinking:
             return header
         tail = "".join(self.thinking)[-self.console.width * self.console.height:].strip()

@@ -140,11 +140,13 @@ def _calls_schema(tools: list[dict[str, Any]], names: list[str] | None, *, any_a
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def calls_only(tools: list[dict[str, Any]], names: list[str] | None = None) -> AnswerFormat:
-    """The answer is one or more tool calls and nothing else (tool_choice "required", or a named function)."""
+def calls_only(tools: list[dict[str, Any]], names: list[str] | None = None, *, one: bool = False) -> AnswerFormat:
+    """The answer is one or more tool calls (`one`: exactly one) and nothing else (tool_choice "required", or a
+    named function)."""
     calls = schema_gbnf(_calls_schema(tools, names), "tools")
     call = f'"{TOOL_CALL_OPEN}" {CALL_SPACE} root {CALL_SPACE} "{TOOL_CALL_CLOSE}"'
-    return AnswerFormat(f"{calls}\ncall ::= {call}\nanswer ::= {LEADING_SPACE} call ({CALL_SPACE} call)*")
+    more = "" if one else f" ({CALL_SPACE} call)*"
+    return AnswerFormat(f"{calls}\ncall ::= {call}\nanswer ::= {LEADING_SPACE} call{more}")
 
 
 def call_body(tools: list[dict[str, Any]]) -> str:

@@ -21,8 +21,8 @@ from typing import Any
 
 from localqwen.backend import CancelFlag, Vocab
 from localqwen.errors import LocalqwenError, ModelBusy
-from localqwen.events import Event
-from localqwen.generation import Turn, WrapUp, timings
+from localqwen.events import Event, WrapUp
+from localqwen.generation import Turn, timings
 from localqwen.prompt_cache import PromptCache
 from localqwen.sampler import Sampler
 from localqwen.stream import END, MAX_AHEAD, Channel

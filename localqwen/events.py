@@ -12,6 +12,7 @@ from localqwen.constants import tool_call_block
 EventKind = Literal["thinking", "content", "tool_call", "tool_result", "done"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 ToolStatus = Literal["ok", "error", "refused"]
+WrapUp = Literal["budget", "answer_now", "loop_guard"]  # why the thinking was closed for the model
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Stats:
     content_tokens: int = 0
     truncated_thinking: bool = False  # generation ended before `</think>`: all thinking, no answer
     stop_sequence: str | None = None  # the stop string that ended the answer, if one did
-    wrap_up: str | None = None  # why the thinking was closed for the model: "budget", "answer_now" or "loop_guard"
+    wrap_up: WrapUp | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -109,6 +110,7 @@ class Reply:
             "tool_calls": [{k: v for k, v in asdict(call).items() if v is not None} for call in self.tool_calls],
             "finish_reason": self.stats.finish_reason,
             "truncated_thinking": self.stats.truncated_thinking,
+            "wrap_up": self.stats.wrap_up,
             "usage": {"prompt_tokens": self.stats.prompt_tokens, "completion_tokens": self.stats.completion_tokens,
                       "thinking_tokens": self.stats.thinking_tokens},
             "timings": self.stats.timings,

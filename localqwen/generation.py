@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from localqwen.constants import DEFAULT_MAX_TOKENS
 from localqwen.errors import BadRequest
-from localqwen.events import Event, FinishReason, Stats
+from localqwen.events import Event, FinishReason, Stats, WrapUp
 from localqwen.parser import StreamParser
 
 # When thinking would eat all of max_tokens, this many tokens (at most a quarter of max_tokens) stay for the answer.
@@ -27,7 +26,6 @@ DEFAULT_ANSWER_RESERVE = 1024
 LOOP_SPANS = range(24, 513)
 LOOP_REPEATS = 3
 LOOP_CHECK_EVERY = 16
-WrapUp = Literal["budget", "answer_now", "loop_guard"]
 
 
 def repeats_itself(tokens: np.ndarray) -> bool:
@@ -95,19 +93,20 @@ class Turn:
     to the answer only), and the token counts."""
 
     def __init__(self, prompt_tokens: int, limits: Limits, *, thinking: bool, stops: list[str] | None = None,
-                 loop_guard: bool = True) -> None:
+                 loop_guard: bool = True, one_call: bool = False) -> None:
         self.limits = limits
         self.stats = Stats(finish_reason="stop", prompt_tokens=prompt_tokens)
         self.parser = StreamParser(thinking=thinking)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = StopFilter(stops or [])
         self._tool_calls = 0
+        self._one_call = one_call  # the reply ends with its first tool call (OpenAI's parallel_tool_calls false)
         self._thought: list[int] | None = [] if loop_guard else None  # thinking token ids, for the loop guard
 
     @property
     def stopped(self) -> bool:
-        """The answer reached a stop string: the reply is complete."""
-        return self._stops.hit is not None
+        """The answer reached a stop string, or its one tool call: the reply is complete."""
+        return self._stops.hit is not None or (self._one_call and self._tool_calls > 0)
 
     @property
     def thinking(self) -> bool:
@@ -164,7 +163,7 @@ class Turn:
         events += self._content(self._stops.flush())
         self.stats.truncated_thinking = self.parser.in_thinking
         self.stats.stop_sequence = self._stops.hit
-        if self.stopped:
+        if self._stops.hit is not None:
             self.stats.finish_reason = "stop"
         elif self.stats.finish_reason == "stop" and self._tool_calls:
             self.stats.finish_reason = "tool_calls"

@@ -166,20 +166,24 @@ class Model:
     # --- generation ----------------------------------------------------------------------------------------------
 
     def chat(self, messages: list[Any], *, tools: list[Any] | None = None, tool_choice: str = "auto",
-             schema: Any = None, max_tokens: int | None = None, thinking_budget: int | None = None,
-             answer_reserve: int | None = None, stop: str | list[str] | None = None, loop_guard: bool | None = None,
-             wait: float | None = None, **sampling: Any) -> Stream:
+             parallel_tool_calls: bool = True, schema: Any = None, max_tokens: int | None = None,
+             thinking_budget: int | None = None, answer_reserve: int | None = None,
+             stop: str | list[str] | None = None, loop_guard: bool | None = None, wait: float | None = None,
+             **sampling: Any) -> Stream:
         """Stream the reply to `messages` as events (`for` or `async for`).
 
         tool_choice: "auto" (the model may call `tools`; every call it starts is a valid one), "required" (it must
-        call one or more), a tool's name (it must call that one), "none" (no calls). schema: a JSON Schema or a
-        pydantic model class the answer must match (the thinking stays free; Reply.collect parses the answer).
-        stop: strings that end the answer (never the thinking). loop_guard: wrap up thinking that repeats itself
+        call one or more), a tool's name (it must call that one), "none" (no calls); parallel_tool_calls=False: at
+        most one call (the reply ends with it). schema: a JSON Schema or a pydantic model class the answer must
+        match (the thinking stays free; Reply.collect parses the answer). stop: strings that end the answer (never
+        the thinking, nor an answer a schema or tool_choice constrains: the grammar ends it, a stop string would
+        cut it). loop_guard: wrap up thinking that repeats itself
         (default: the model's, on unless loaded with loop_guard=False).
         wait: seconds to wait for a free slot before ModelBusy (None: as long as it takes). Sampling overrides:
         temperature, top_p, top_k, min_p, presence_penalty, seed."""
         prompt = self.tokenize_chat(messages, tools)
-        return self.generate(prompt, tools=tools, tool_choice=tool_choice, schema=schema, max_tokens=max_tokens,
+        return self.generate(prompt, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                             schema=schema, max_tokens=max_tokens,
                              thinking_budget=thinking_budget, answer_reserve=answer_reserve, stop=stop,
                              loop_guard=loop_guard, wait=wait, **sampling)
 
@@ -199,9 +203,10 @@ class Model:
     aact = act  # the same run serves `async for`
 
     def generate(self, prompt: Sequence[int], *, tools: list[Any] | None = None, tool_choice: str = "auto",
-                 schema: Any = None, max_tokens: int | None = None, thinking_budget: int | None = None,
-                 answer_reserve: int | None = None, thinking: bool = True, stop: str | list[str] | None = None,
-                 loop_guard: bool | None = None, wait: float | None = None, **sampling: Any) -> Stream:
+                 parallel_tool_calls: bool = True, schema: Any = None, max_tokens: int | None = None,
+                 thinking_budget: int | None = None, answer_reserve: int | None = None, thinking: bool = True,
+                 stop: str | list[str] | None = None, loop_guard: bool | None = None, wait: float | None = None,
+             **sampling: Any) -> Stream:
         """Stream events for raw prompt tokens. `thinking`: the prompt leaves the model inside `<think>`; the other
         arguments as for chat() (`tools` here only shape the tool-call grammars: they are the prompt's business)."""
         options = self.sampling.with_overrides(**sampling)
@@ -212,10 +217,11 @@ class Model:
         limits = Limits.for_reply(room=self.n_ctx - len(prompt), max_tokens=max_tokens,
                                   thinking_budget=thinking_budget, answer_reserve=answer_reserve,
                                   wrap_up_tokens=self.wrap_up_tokens)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        turn = Turn(len(prompt), limits, thinking=thinking, stops=stops,
+        answer_format, grammars, banned = answer_constraints(tools, tool_choice, schema,
+                                                             one_call=not parallel_tool_calls)
+        stops = [] if answer_format else [stop] if isinstance(stop, str) else list(stop or [])
+        turn = Turn(len(prompt), limits, thinking=thinking, stops=stops, one_call=not parallel_tool_calls,
                     loop_guard=self.loop_guard if loop_guard is None else loop_guard)
-        answer_format, grammars, banned = answer_constraints(tools, tool_choice, schema)
         seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
         sampler = Sampler(self._vocab.handle, self.n_vocab, options, seed, grammars=grammars, banned=banned)
         request = Request(list(prompt), turn, sampler, wait)
@@ -237,7 +243,7 @@ class Model:
         self._model.close()
 
 
-def answer_constraints(tools: list[Any] | None, tool_choice: str, schema: Any,
+def answer_constraints(tools: list[Any] | None, tool_choice: str, schema: Any, *, one_call: bool = False,
                        ) -> tuple[AnswerFormat | None, dict[str, str], list[int]]:
     """What constrains the output after the thinking: the answer's format, the grammars by the span they apply to
     (localqwen.constrain), and the tokens never to sample."""
@@ -249,7 +255,7 @@ def answer_constraints(tools: list[Any] | None, tool_choice: str, schema: Any,
         if tool_choice != "auto":
             if schema is not None:
                 raise BadRequest("a schema for the answer and a required tool call exclude each other")
-            answer_format = calls_only(tools, None if tool_choice == "required" else [tool_choice])
+            answer_format = calls_only(tools, None if tool_choice == "required" else [tool_choice], one=one_call)
     elif tool_choice != "auto":
         raise BadRequest(f"tool_choice {tool_choice!r} needs tools to call")
     if schema is not None:

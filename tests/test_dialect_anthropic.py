@@ -20,7 +20,7 @@ from tests.dialect_servers import (
     first_thinking,
 )
 from tests.lookback_model import ANSWER as LOOKBACK_ANSWER
-from tests.lookback_model import ANSWER_THINKING, CALL_THINKING, TOOL_CALL
+from tests.lookback_model import ANSWER_THINKING, CALL_THINKING
 from tests.test_server import ANSWER, KEY, THINKING
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -165,11 +165,12 @@ def test_signed_thinking_goes_back_into_the_prompt(env: SimpleNamespace) -> None
 
 def test_tools_choices_and_text_tool_calls(env: SimpleNamespace) -> None:
     api = client(env.lookback, key="unused")
-    # tool_choice none: no tools in the prompt, and the call the model writes anyway stays text.
+    # tool_choice none: no tools in the prompt, and the model cannot open the call it would write (off its script,
+    # it says "!" until max_tokens).
     none = api.messages.create(model="m", max_tokens=300, messages=QUESTION, tools=[TOOL],
                                tool_choice={"type": "none"}, **GREEDY)
-    assert blocks(none) == [("thinking", CALL_THINKING), ("text", f"<tool_call>\n{TOOL_CALL}\n</tool_call>")]
-    assert none.stop_reason == "end_turn"
+    assert [kind for kind, _ in blocks(none)] == ["thinking", "text"] and blocks(none)[0][1] == CALL_THINKING
+    assert "<tool_call>" not in blocks(none)[1][1] and none.stop_reason == "max_tokens"
     named = api.messages.create(model="m", max_tokens=300, messages=QUESTION, tools=[TOOL],
                                 tool_choice={"type": "tool", "name": "get_weather"}, **GREEDY)
     assert named.stop_reason == "tool_use"
@@ -232,9 +233,13 @@ def test_errors_have_anthropics_shape(env: SimpleNamespace) -> None:
             "max_tokens": 5, "messages": long, "stream": stream}, headers=key), 400, "invalid_request_error")
     assert "budget_tokens" in anthropic_error(httpx.post(url, json={"max_tokens": 5, "messages": HI, "thinking": {
         "type": "enabled"}}, headers=key), 400, "invalid_request_error")
-    assert "not supported yet" in anthropic_error(httpx.post(url, json={"max_tokens": 5, "messages": HI,
-                                                                        "output_config": {"format": {}}}, headers=key),
-                                                  400, "invalid_request_error")
+    assert "output_config.format.type: Field required" in anthropic_error(httpx.post(url, json={
+        "max_tokens": 5, "messages": HI, "output_config": {"format": {}}}, headers=key), 400, "invalid_request_error")
+    unenforceable = {"type": "json_schema", "schema": {"type": "object", "properties": {"n": {"minimum": 1}}}}
+    field = getattr(env, "schema_field", "output_config.format.schema")  # an upstream engine names its own field
+    assert f"{field}.properties.n.minimum is not supported" in anthropic_error(httpx.post(url, json={
+        "max_tokens": 5, "messages": HI, "output_config": {"format": unenforceable}}, headers=key), 400,
+        "invalid_request_error")
     anthropic_error(httpx.post(url, json={"max_tokens": 5, "messages": HI}), 401, "authentication_error")
     anthropic_error(httpx.post(url, json={"max_tokens": 5, "messages": HI}, headers={"x-api-key": "nope"}), 401,
                     "authentication_error")

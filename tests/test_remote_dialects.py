@@ -26,7 +26,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
         try:
             with running(create_app(main, api_key=KEY, model_id=MODEL_ID)) as main_url, \
                     running(create_app(lookback)) as lookback_url:
-                yield SimpleNamespace(**{**vars(direct), "main": main_url, "lookback": lookback_url})
+                # The upstream localqwen judges answer schemas itself, naming the field it got them in.
+                yield SimpleNamespace(**{**vars(direct), "main": main_url, "lookback": lookback_url,
+                                         "schema_field": "response_format.json_schema.schema"})
         finally:
             main.close()
             lookback.close()

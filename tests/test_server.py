@@ -185,12 +185,16 @@ def test_tool_calls_are_parsed(servers: dict) -> None:
 
 
 def test_without_tools_a_tool_call_stays_text(servers: dict) -> None:
-    # tool_choice "none" (or no tools): the client parses the text itself, as Qwen-Agent does.
-    reply = client(servers["urls"]["tool"]).chat.completions.create(
-        model="m", messages=HI, tools=[WEATHER_TOOL], tool_choice="none", **GREEDY)
+    # No tools: the client parses the text itself, as Qwen-Agent does.
+    reply = client(servers["urls"]["tool"]).chat.completions.create(model="m", messages=HI, **GREEDY)
     choice = reply.choices[0]
     assert choice.message.content == f"{TOOL_ANSWER}\n<tool_call>\n{TOOL_CALL}\n</tool_call>"
     assert choice.message.tool_calls is None and choice.finish_reason == "stop"
+    # tool_choice "none": the model cannot open a call (off its script, this one then says "!" to the limit).
+    none = client(servers["urls"]["tool"]).chat.completions.create(
+        model="m", messages=HI, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=40, **GREEDY).choices[0]
+    assert none.message.content.startswith(TOOL_ANSWER + "!") and "<tool_call>" not in none.message.content
+    assert none.message.tool_calls is None and none.finish_reason == "length"
 
 
 def test_reasoning_format_none_keeps_thinking_in_content(servers: dict) -> None:

@@ -104,6 +104,18 @@ def test_a_schema_answer_validates_whenever_it_ends(random_model: Model, schema:
     assert finished >= 12
 
 
+def test_stop_strings_do_not_cut_a_schema_answer(random_model: Model) -> None:
+    """Every JSON answer has '"' and '{': as stop strings they would cut it, so they apply to free answers only."""
+    for seed in range(4):
+        reply = Reply.collect(random_model.chat(HI, schema=PERSON, stop=['"', "{"], thinking_budget=2,
+                                                max_tokens=300, seed=seed))
+        if reply.stats.finish_reason == "stop":
+            assert reply.stats.stop_sequence is None
+            jsonschema.validate(reply.parsed, PERSON)
+    free = Reply.collect(random_model.chat(HI, stop=["a", "e", "o"], thinking_budget=2, max_tokens=300, seed=0))
+    assert free.stats.stop_sequence in ("a", "e", "o")  # the same strings end a free answer
+
+
 def test_a_pydantic_model_is_a_schema(random_model: Model) -> None:
     replies = [Reply.collect(random_model.chat(HI, schema=Person, thinking_budget=2, max_tokens=200, seed=seed))
                for seed in range(6)]
@@ -153,6 +165,21 @@ def test_a_named_tool_is_the_one_called(random_model: Model) -> None:
         random_model.chat(HI, tools=TOOLS, tool_choice="nope")
     with pytest.raises(BadRequest, match="needs tools"):
         random_model.chat(HI, tool_choice="required")
+
+
+def test_one_call_when_parallel_calls_are_off(random_model: Model) -> None:
+    """parallel_tool_calls=False: the grammar allows one call and the reply ends with it (a random model under
+    "required" otherwise often goes on calling until max_tokens)."""
+    finishes = set()
+    for seed in range(6):
+        reply = Reply.collect(random_model.chat(HI, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                                                thinking_budget=3, max_tokens=300, temperature=0.7, seed=seed))
+        finishes.add(reply.stats.finish_reason)
+        assert len(reply.tool_calls) <= 1  # a call still open at max_tokens counts as the one
+        if reply.stats.finish_reason != "length":
+            check_calls(reply, {"get_weather", "get_time", "add"})
+            assert len(reply.tool_calls) == 1
+    assert "tool_calls" in finishes  # (seeds 1, 3 and 5 end on their call; the others run long inside it)
 
 
 CITY_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {

@@ -30,10 +30,12 @@ import pytest
 import uvicorn
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
 
-from localqwen.constants import THINK_CLOSE_ID
+from localqwen.constants import THINK_CLOSE_ID, THINKING_BUDGET_WRAP_UP
+from localqwen.model import Model
 from localqwen.server import create_app
 from localqwen.synthetic import script_chain
 from localqwen.web import CONTENT_SECURITY_POLICY, STATIC
+from tests.structured import PONDER_ANSWER, pondering_model_file
 from tests.test_server import ANSWER, THINKING, load_chain, running
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -83,11 +85,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("web")
     chain, _ = script_chain(THINKING, ANSWER)
     xss_chain, _ = script_chain(XSS_THINKING, XSS_ANSWER)
-    # "Hmm", then at temperature 0 "!" forever: a reply that thinks until it is stopped.
-    endless_chain = script_chain("Hmm", "Sure")[0][:2]
     loaded = {"scripted": load_chain(tmp, "scripted", chain), "xss": load_chain(tmp, "xss", xss_chain),
-              # It thinks "!" forever: without its loop guard, which would wrap that up.
-              "endless": load_chain(tmp, "endless", endless_chain, n_ctx=8192, loop_guard=False)}
+              # "Hmm", then at temperature 0 "!" forever, until it is stopped or asked to answer now (then it says
+              # PONDER_ANSWER). Without its loop guard, which would wrap the "!!!" up.
+              "endless": Model.load(pondering_model_file(tmp / "endless"), n_ctx=8192, gpu_layers=0, threads=1,
+                                    loop_guard=False)}
     yield {**loaded, "chain": chain}
     for model in loaded.values():
         model.close()
@@ -326,7 +328,7 @@ def test_reply_shows_exact_thinking_collapsed_and_answer(servers: dict, models: 
                                                  {"role": "assistant", "content": ANSWER}]))
     page.wait_for_function("text => document.getElementById('context-use').textContent === text",
                            arg=f"{used} / 512 tokens")
-    assert page.locator("#answer-now").is_hidden()  # /props says the server cannot end thinking early yet
+    assert page.locator("#answer-now").is_hidden()  # only while a reply thinks
 
 
 def test_thinking_left_in_the_text_is_split_too(servers: dict, models: dict, watch) -> None:
@@ -355,7 +357,7 @@ def test_stop_ends_a_reply_and_its_generation(servers: dict, watch) -> None:
     thinking = page.locator(".message.assistant .thinking-text")
     page.wait_for_function("() => document.querySelector('.thinking-text').textContent.length > 30")
     assert page.locator(".message.assistant details").evaluate("d => d.open")  # live thinking is shown
-    assert page.locator("#answer-now").is_hidden()
+    assert page.locator("#answer-now").is_visible()
     page.keyboard.press("Escape")
     wait_reply(page, 1)
     assert page.locator(".message.assistant .note").inner_text() == "Stopped."
@@ -368,6 +370,31 @@ def test_stop_ends_a_reply_and_its_generation(servers: dict, watch) -> None:
     wait_reply(page, 1)
     assert page.locator(".message.assistant .note").inner_text() == "Stopped."
     assert re.fullmatch(r"Thought for ~\d+ tokens, [\d.]+ s", page.locator(".message.assistant summary").inner_text())
+    wait_idle(url)
+
+
+def test_answer_now_ends_the_thinking(servers: dict, watch) -> None:
+    url = servers["endless"]
+    watched = watch(url)
+    page = watched.page()
+    page.click("#open-settings")
+    page.fill("#settings [name=temperature]", "0")
+    page.click("#settings button[value=save]")
+    send(page, "Hi")
+    page.wait_for_function("() => document.querySelector('.thinking-text')?.textContent.length > 30")
+    button = page.locator("#answer-now")
+    expect(button).to_be_visible()
+    with page.expect_response(lambda r: r.url.endswith("/answer-now")) as answered:
+        button.click()
+    assert answered.value.status == 200 and watched.posts("/v1/chat/completions") == 1
+    wait_reply(page, 1)
+    reply = page.locator(".message.assistant")
+    assert reply.locator(".answer").inner_text() == PONDER_ANSWER
+    assert reply.locator(".stats").inner_text().endswith("finish: stop")
+    reply.locator("summary").click()
+    thinking = reply.locator(".thinking-text").inner_text()
+    assert thinking.startswith("Hmm!!!") and thinking.endswith(THINKING_BUDGET_WRAP_UP.strip())
+    expect(button).to_be_hidden()
     wait_idle(url)
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -24,22 +25,57 @@ def read_prompt(prompt: str | None) -> str:
     return prompt
 
 
+def read_schema(ctx: click.Context, param: click.Parameter, path: str | None) -> dict[str, Any] | None:
+    """--schema FILE: a JSON Schema the grammar can enforce, read and checked before the model loads; a file that
+    cannot be read, is not JSON or uses what the grammar cannot enforce is one line (`Error: FILE: ...`)."""
+    if path is None:
+        return None
+    from localqwen.constrain import json_answer
+    from localqwen.errors import BadRequest
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot read it ({exc.strerror})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"{path}: not JSON ({exc})") from None
+    try:
+        json_answer(schema)
+    except BadRequest as exc:
+        raise click.ClickException(f"{path}: {exc.message}") from None
+    return schema
+
+
 @click.command("run", cls=Command)
 @click.argument("prompt", required=False)
 @with_model
 @generation_options
 @click.option("--show-thinking", is_flag=True, help="Stream the thinking to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with thinking, content and stats.")
+@click.option("--schema", metavar="FILE.json", callback=read_schema,
+              help="Answer with JSON that matches this JSON Schema (the thinking stays free); --json adds it as "
+                   '"parsed". Exit status 1 if the token limit cut the answer short.')
 def run_command(model: Any, prompt: str | None, system: str | None, show_thinking: bool, as_json: bool,
-                **options: Any) -> None:
+                schema: dict[str, Any] | None, **options: Any) -> None:
     """Answer one PROMPT (or stdin) and exit: the answer on stdout, thinking on stderr if asked."""
     from localqwen.events import Reply
 
     messages = ([{"role": "system", "content": system}] if system else []) + \
         [{"role": "user", "content": read_prompt(prompt)}]
-    events = model.chat(messages, **options)
+    events = model.chat(messages, schema=schema, **options)
     if as_json:
-        click.echo(json.dumps(Reply.collect(events).to_dict(), ensure_ascii=False))
+        try:
+            reply = Reply.collect(events)
+        except ValueError as exc:  # an engine behind --url that answered outside the schema
+            if schema is None:
+                raise
+            raise click.ClickException(f"the answer does not match the schema: {str(exc).splitlines()[0]}") from None
+        data = reply.to_dict()
+        if schema is not None:
+            data["parsed"] = reply.parsed
+        click.echo(json.dumps(data, ensure_ascii=False))
+        if schema is not None and reply.stats.finish_reason == "length":
+            raise SystemExit(1)
         return
     for event in events:
         if event.kind == "thinking" and show_thinking:
@@ -53,6 +89,8 @@ def run_command(model: Any, prompt: str | None, system: str | None, show_thinkin
             if event.stats.finish_reason == "length":
                 where = " while thinking" if event.stats.truncated_thinking else ""
                 click.secho(f"[stopped at the token limit{where}]", err=True, dim=True)
+                if schema is not None:
+                    raise SystemExit(1)  # the answer is not the complete JSON a script expects
 
 
 @click.command("chat", cls=Command)

@@ -19,6 +19,9 @@ the engines do differently is normalised here:
 - Thinking budget: localqwen takes `thinking_budget`; llama-server takes `reasoning_budget_tokens` with the Qwen3
   report's wrap-up as its message; an engine without a per-request budget (vLLM) refuses the request rather than
   return a reply with no answer. With `max_tokens` alone, llama-server also gets localqwen's answer reserve.
+- `schema` and `tool_choice` go to the engine as OpenAI's `response_format` (json_schema) and `tool_choice`: the
+  engine enforces them; the stream keeps the schema, so Reply.collect validates the answer as for a local model.
+  After a wrap-up done here (a client-side budget, answer now) the continuation keeps `response_format`.
 - Token counts come from the engine's `usage`; thinking tokens from its `reasoning_tokens` where it counts them
   (localqwen), else one per streamed thinking delta (llama-server and vLLM send one delta per token).
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import httpx
 
 from localqwen.constants import NATIVE_CONTEXT, THINKING_WRAP_UP_MESSAGE, THINKING_WRAP_UP_TEXT
+from localqwen.constrain import AnswerFormat
 from localqwen.errors import BadRequest, RemoteError
 from localqwen.generation import Limits, Turn
 from localqwen.remote.streams import RemoteStream
@@ -148,23 +149,31 @@ class RemoteModel:
 
     # --- generation ----------------------------------------------------------------------------------------------
 
-    def chat(self, messages: list[Any], *, tools: list[Any] | None = None, max_tokens: int | None = None,
+    def chat(self, messages: list[Any], *, tools: list[Any] | None = None, tool_choice: str = "auto",
+             parallel_tool_calls: bool = True, schema: Any = None, max_tokens: int | None = None,
              thinking_budget: int | None = None, answer_reserve: int | None = None, stop: str | list[str] | None = None,
              wait: float | None = None, **sampling: Any) -> RemoteStream:
         """Stream the reply to `messages` as events (`for` or `async for`), as Model.chat does. The request goes out
         with the first event asked for, and an error the endpoint answers with (a prompt too long, a wrong key)
-        raises there. `wait` is accepted for Model's signature: the engine queues requests itself."""
+        raises there. `tool_choice`, `parallel_tool_calls` and `schema` go to the engine as OpenAI's `tool_choice`,
+        `parallel_tool_calls` and `response_format` (the engine enforces them; Reply.collect parses and validates
+        the answer). `wait` is accepted for Model's signature: the engine queues requests itself."""
         body, turn = self._chat_body(messages, tools, max_tokens, thinking_budget, answer_reserve, stop, sampling)
-        return RemoteStream(self, "/v1/chat/completions", body, turn, messages, tools)
+        body.update(tool_choice_field(tool_choice, tools))
+        if not parallel_tool_calls:
+            body["parallel_tool_calls"] = False
+        answer_format = answer_fields(body, schema)
+        return RemoteStream(self, "/v1/chat/completions", body, turn, messages, tools, answer_format)
 
-    def generate(self, prompt: Sequence[int], *, max_tokens: int | None = None, thinking_budget: int | None = None,
-                 answer_reserve: int | None = None, thinking: bool = True, stop: str | list[str] | None = None,
-                 wait: float | None = None, **sampling: Any) -> RemoteStream:
+    def generate(self, prompt: Sequence[int], *, schema: Any = None, max_tokens: int | None = None,
+                 thinking_budget: int | None = None, answer_reserve: int | None = None, thinking: bool = True,
+                 stop: str | list[str] | None = None, wait: float | None = None, **sampling: Any) -> RemoteStream:
         """A raw completion of prompt tokens (/v1/completions), as Model.generate; `thinking`: the prompt leaves the
-        model inside `<think>`. Stop strings go to the engine (a raw prompt has no thinking apart)."""
+        model inside `<think>`. Stop strings and the schema go to the engine (a raw prompt has no thinking apart)."""
         if thinking_budget is not None:
             raise BadRequest("a thinking budget needs a chat request: raw completions have no thinking apart")
         body = {"model": self.model_id, "prompt": list(prompt), "stream": True, **self._sampling_fields(sampling)}
+        answer_format = answer_fields(body, schema)
         body["stream_options"] = {"include_usage": True}
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
@@ -172,7 +181,7 @@ class RemoteModel:
         if stops:
             body["stop"] = stops
         return RemoteStream(self, "/v1/completions", body, Turn(len(prompt), Limits(HUGE, HUGE), thinking=thinking,
-                                                                stops=stops))
+                                                                stops=stops), answer_format=answer_format)
 
     achat = chat  # the same stream serves `async for`, as a local model's does
 
@@ -245,6 +254,30 @@ class RemoteModel:
     def _track(self, stream: RemoteStream, running: bool) -> None:
         with self._streams_lock:
             (self._streams.add if running else self._streams.discard)(stream)
+
+
+def tool_choice_field(tool_choice: str, tools: list[Any] | None) -> dict[str, Any]:
+    """OpenAI's `tool_choice` for Model.chat's: a mode, or a tool's name (then a named function)."""
+    if tool_choice == "auto":
+        return {}
+    if tool_choice in ("required", "none"):
+        return {"tool_choice": tool_choice}
+    if tool_choice not in {tool.get("function", tool).get("name") for tool in tools or []}:
+        raise BadRequest(f"tool_choice {tool_choice!r} is not among the tools")
+    return {"tool_choice": {"type": "function", "function": {"name": tool_choice}}}
+
+
+def answer_fields(body: dict[str, Any], schema: Any) -> AnswerFormat | None:
+    """Put an answer schema (a JSON Schema, or a pydantic model class) in `body` as OpenAI's `response_format`; the
+    format Reply.collect parses the answer with. The engine enforces it: no grammar is made here."""
+    if schema is None:
+        return None
+    model = None
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        model, schema = schema, schema.model_json_schema()
+    body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema,
+                                                                      "strict": True}}
+    return AnswerFormat("", schema, model)
 
 
 def discover(http: httpx.Client, base: str, model: str | None) -> Endpoint:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 
 from localqwen.constants import THINKING_WRAP_UP_TEXT
+from localqwen.constrain import AnswerFormat
 from localqwen.errors import BadRequest, LocalqwenError, RemoteError
 from localqwen.events import Event
 from localqwen.generation import Turn, timings
@@ -35,8 +36,10 @@ class _StreamBase:
     """What reading either way shares: the request, the reader, the second phase and the `done` event."""
 
     def __init__(self, model: RemoteModel, path: str, body: dict[str, Any], turn: Turn,
-                 messages: list[Any] | None = None, tools: list[Any] | None = None) -> None:
+                 messages: list[Any] | None = None, tools: list[Any] | None = None,
+                 answer_format: AnswerFormat | None = None) -> None:
         self.model, self.path, self.body, self.messages, self.tools = model, path, body, messages, tools
+        self.answer_format = answer_format  # what Reply.collect parses the answer with, as for a local stream
         self.reader = ChunkReader(turn, chat=path.endswith("chat/completions"), engine_stops=body.get("stop"))
         self.wrapped: tuple[int, int] | None = None  # (prompt, thinking tokens) when a second phase ran
         self.prompt_tokens: int | None = None  # counted by the endpoint's tokenizer, when its usage is missing
@@ -88,8 +91,9 @@ class _StreamBase:
         events = turn.forced(THINKING_WRAP_UP_TEXT, model.wrap_up_tokens, reason)
         self.wrapped = (len(prompt), turn.stats.thinking_tokens)
         continued = prompt + model.tokenize(thinking + THINKING_WRAP_UP_TEXT, special=True)
+        # What follows is all answer: the stop strings and the answer's format apply from its first token.
         body = {"model": model.model_id, "prompt": continued, "stream": True, "stream_options": {"include_usage": True},
-                **{k: v for k, v in self.body.items() if k in (*SAMPLER_OPTIONS, "stop")}}  # all answer now
+                **{k: v for k, v in self.body.items() if k in (*SAMPLER_OPTIONS, "stop", "response_format")}}
         if "max_tokens" in self.body:
             body["max_tokens"] = max(1, self.body["max_tokens"] - turn.stats.completion_tokens)
         first_token_at, self.reader = self.reader.first_token_at, ChunkReader(turn, chat=False,
@@ -130,8 +134,9 @@ class RemoteStream(_StreamBase):
     there."""
 
     def __init__(self, model: RemoteModel, path: str, body: dict[str, Any], turn: Turn,
-                 messages: list[Any] | None = None, tools: list[Any] | None = None) -> None:
-        super().__init__(model, path, body, turn, messages, tools)
+                 messages: list[Any] | None = None, tools: list[Any] | None = None,
+                 answer_format: AnswerFormat | None = None) -> None:
+        super().__init__(model, path, body, turn, messages, tools, answer_format)
         self.finished = False
         self._response: httpx.Response | None = None  # the HTTP stream being read (either client's)
         self._client: httpx.AsyncClient | None = None  # `async for`: one client per stream, on its event loop

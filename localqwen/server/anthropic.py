@@ -8,15 +8,17 @@ Choices, for clients to rely on:
   {"type": "disabled"} gives the shortest thinking it allows (budget 0: the thinking is the wrap-up sentence alone)
   and leaves the thinking block out of the reply; "adaptive", "between_tools" or no `thinking` let it think as long as
   it needs (or as `output_config.effort` says: low, medium and high are openai.REASONING_EFFORT's budgets, xhigh and
-  max as high). `display: "omitted"` leaves the thinking block out too. `output_config.format` gets a 400 until
-  structured answers exist.
+  max as high). `display: "omitted"` leaves the thinking block out too.
+- `output_config.format` {"type": "json_schema", "schema": ...} (what the SDK's `messages.parse(output_format=...)`
+  sends): the text block is one JSON value of that shape (the thinking stays free); cut short, stop_reason is
+  "max_tokens".
 - `signature` of a thinking block: base64 HMAC-SHA256 of the thinking text, under a key made when the server process
   starts. A thinking block sent back with a signature this server made goes into the prompt as that turn's reasoning
   (the chat template keeps it only for turns after the last user message); one it did not make (another server, a
   restart, an edited text) is left out, as are redacted_thinking blocks.
-- `tool_choice` "any" and "tool" are passed on as tools (the model is not constrained); "none" leaves the tools out.
-  A tool call that is not valid JSON with a name and object arguments stays text. Tools other than custom ones
-  (Anthropic's server tools) are left out: nothing here runs them.
+- `tool_choice` is enforced after the thinking: "any" (one or more tool_use blocks, nothing else), "tool" (calls of
+  that tool only), "none" (the tools left out, no call possible), "auto" (every call the model opens is a valid
+  one). Tools other than custom ones (Anthropic's server tools) are left out: nothing here runs them.
 - `usage`: input_tokens are the prompt tokens evaluated, cache_read_input_tokens those reused from the KV cache (their
   sum is the prompt). A stream's message_start carries zeros; its message_delta carries the totals.
 - An assistant message last in `messages` is a finished turn, not a prefill for the model to continue.
@@ -45,7 +47,14 @@ from pydantic import Field
 from localqwen.events import Event
 from localqwen.sampling import OPTION
 from localqwen.server.http import APIError, api_error, sse
-from localqwen.server.openai import REASONING_EFFORT, ChatOutput, GenerationOptions, Strict
+from localqwen.server.openai import (
+    REASONING_EFFORT,
+    ChatOutput,
+    GenerationOptions,
+    Strict,
+    answer_schema,
+    tool_choice_of,
+)
 from localqwen.server.runs import EventStream, Generation, collect
 from localqwen.server.state import ServerState
 
@@ -109,6 +118,7 @@ class ToolIn(Strict):
 class ToolChoice(Strict):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
+    disable_parallel_tool_use: bool = False
 
 
 class Thinking(Strict):
@@ -117,9 +127,14 @@ class Thinking(Strict):
     display: Literal["summarized", "omitted"] | None = None
 
 
+class OutputFormat(Strict):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
 class OutputConfig(Strict):
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
-    format: dict[str, Any] | None = None
+    format: OutputFormat | None = None
 
 
 class CountTokensRequest(Strict):
@@ -220,12 +235,12 @@ def function_tool(tool: ToolIn) -> dict[str, Any]:
     return {"type": "function", "function": {k: v for k, v in function.items() if v is not None}}
 
 
-def chat_arguments(req: MessagesRequest) -> dict[str, Any]:
+def chat_arguments(server: ServerState, req: MessagesRequest) -> dict[str, Any]:
     """Model.chat's keyword arguments for a request (messages and tools included)."""
     arguments = req.model_dump(include=set(OPTION), exclude_none=True)
     config = req.output_config or OutputConfig()
     if config.format is not None:
-        raise APIError(400, "output_config.format (structured output) is not supported yet: only plain text answers")
+        arguments["schema"] = answer_schema(server, "json_schema", config.format.schema_, "output_config.format.schema")
     if config.effort is not None:
         arguments["thinking_budget"] = REASONING_EFFORT[EFFORTS[config.effort]]
     if req.thinking is not None and req.thinking.type == "enabled":
@@ -234,8 +249,13 @@ def chat_arguments(req: MessagesRequest) -> dict[str, Any]:
         arguments["thinking_budget"] = req.thinking.budget_tokens
     elif req.thinking is not None and req.thinking.type == "disabled":
         arguments["thinking_budget"] = 0  # the shortest thinking the model allows
-    return {**arguments, "messages": template_messages(req), "tools": template_tools(req) or None,
-            "stop": req.stop_sequences}
+    tools = template_tools(req)
+    choice = req.tool_choice or ToolChoice(type="auto")
+    named = choice.type == "tool"
+    mode = {"any": "required", "tool": choice.name}.get(choice.type, choice.type)
+    return {**arguments, "messages": template_messages(req), "tools": tools or None, "stop": req.stop_sequences,
+            "tool_choice": tool_choice_of(mode, tools, named=named),
+            "parallel_tool_calls": not choice.disable_parallel_tool_use}
 
 
 # --- events to content blocks ----------------------------------------------------------------------------------
@@ -367,7 +387,7 @@ async def stream(server: ServerState, blocks: Blocks, generation: Generation) ->
 async def messages(request: Request) -> Response:
     server = ServerState.of(request)
     req = await server.read(request, MessagesRequest)
-    arguments = chat_arguments(req)
+    arguments = chat_arguments(server, req)
     blocks = Blocks(show_thinking=req.show_thinking, parse_tools=bool(arguments["tools"]))
 
     def start() -> Iterator[Event]:

@@ -16,8 +16,9 @@ Choices, for clients to rely on:
 - `options`: temperature, top_p, top_k, min_p, seed, presence_penalty, stop, num_predict (-1 or -2: no limit but the
   context), num_ctx (at most the loaded context: a larger one is refused, as the context is fixed when the server
   starts); Ollama's other options are accepted and have no effect. `keep_alive` is accepted: the model stays loaded.
-- `format` ("json" or a schema) gets a 400 until structured answers exist; images, `suffix`, `template` and
-  `context` get a 400 too.
+- `format`: "json" (any JSON object) or a JSON schema: the answer (`content`, `response`) is one JSON value of that
+  shape; the thinking stays free. Cut short by num_predict, done_reason is "length".
+- Images, `suffix`, `template` and `context` get a 400.
 - The final chunk carries Ollama's counts and durations (nanoseconds): prompt_eval_count is the whole prompt,
   prompt_eval_duration the time to the first token, eval_count the tokens generated (thinking included),
   load_duration 0 (the model was loaded when the server started), total_duration the request's time.
@@ -46,7 +47,7 @@ from localqwen.model import Model
 from localqwen.remote import RemoteModel
 from localqwen.sampling import OPTION
 from localqwen.server.http import APIError, api_error
-from localqwen.server.openai import REASONING_EFFORT, ChatOutput, GenerationOptions, Strict, Tool
+from localqwen.server.openai import REASONING_EFFORT, ChatOutput, GenerationOptions, Strict, Tool, answer_schema
 from localqwen.server.runs import EventStream, Generation, collect, events_of
 from localqwen.server.state import ServerState
 
@@ -125,10 +126,14 @@ class ShowRequest(Strict):
 
 def generation_arguments(server: ServerState, req: GenerationRequest) -> dict[str, Any]:
     """Model.chat's (or Model.generate's) limits, sampling and stop strings for a request."""
-    if req.format not in (None, ""):
-        raise APIError(400, "format (structured output) is not supported yet: only plain text answers")
     options = req.options or Options()
     arguments = options.model_dump(include=set(OPTION), exclude_none=True)
+    if isinstance(req.format, dict):
+        arguments["schema"] = answer_schema(server, "json_schema", req.format, "format")
+    elif req.format == "json":
+        arguments["schema"] = answer_schema(server, "json_object", None, "format")
+    elif req.format:
+        raise APIError(400, f"format must be \"json\" or a JSON schema, not {req.format!r}")
     if options.num_ctx is not None and options.num_ctx > server.model.n_ctx:
         raise APIError(400, f"num_ctx {options.num_ctx} is more than the loaded context of {server.model.n_ctx} "
                             f"tokens; start `localqwen serve` with --ctx {options.num_ctx} to use it")

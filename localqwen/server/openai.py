@@ -4,15 +4,23 @@ into OpenAI's deltas and messages, and the route handlers.
     POST /v1/chat/completions   thinking in `reasoning_content` (mirrored as `reasoning`), answer in `content`
     POST /v1/completions        a raw prompt (special tokens allowed: it is the caller's prompt), no thinking split
     GET  /v1/models
+    POST /v1/chat/completions/{id}/answer-now   end the thinking of a running completion (the `id` of its chunks)
 
 Choices, for clients to rely on:
 - One model: any `model` name in a request is accepted; responses name the loaded model.
 - `--reasoning-format none` leaves the thinking in `content` as `<think>\\n...\\n</think>\\n\\n` + answer (what
   Qwen-Agent's `thought_in_content` expects).
-- Tool calls become `tool_calls` only when the request passed tools (and tool_choice is not "none"). Otherwise, and
-  for a call that is not valid JSON with a name and object arguments, the model's `<tool_call>` text stays in
-  `content` and does not make finish_reason "tool_calls". Forced or "required" tool choices are passed on as tools;
-  the model is not constrained.
+- Tool calls become `tool_calls` only when the request passed tools (and tool_choice is not "none"). Otherwise the
+  model's `<tool_call>` text stays in `content` and does not make finish_reason "tool_calls". `tool_choice` is
+  enforced after the thinking: "required" (one or more calls, nothing else), a named function (calls of it only),
+  "none" (the tools are left out of the prompt and the model cannot open a call), "auto" (the model may answer, and
+  every call it opens is a valid one: the call body follows the tool's parameters).
+- `response_format` (on /v1/completions too): {"type": "json_object"} or {"type": "json_schema", "json_schema":
+  {"schema": ...}} make the answer one JSON value of that shape (the thinking stays free); with finish_reason "stop"
+  it parses and validates, with "length" it was cut short. A schema with keywords the grammar cannot enforce is a
+  400 naming the keyword.
+- Answer now: POST /v1/chat/completions/{id}/answer-now (same key and origin rules as the rest) closes a running
+  completion's thinking with the thinking budget's wrap-up, and the model answers; 404 once it has finished.
 - `stop` applies to the answer, never to the thinking; the stop text is trimmed and generation ends at once.
 - Thinking budget: `thinking_budget` (tokens), else `reasoning_effort` (REASONING_EFFORT).
 """
@@ -100,6 +108,42 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class JsonSchema(Strict):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+def answer_schema(server: ServerState, kind: str, schema: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
+    """Model.chat's `schema` for an answer format of `kind` ("text", "json_object", "json_schema"): None for text,
+    any JSON object for json_object, `schema` (required) for json_schema; `where` names the schema's field."""
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if schema is None:
+        raise APIError(400, f"{where}: required with type json_schema", param=where.split(".")[0])
+    server.check_schema(schema, where)
+    return schema
+
+
+def tool_choice_of(choice: str | None, tools: list[dict[str, Any]], *, named: bool = False) -> str:
+    """Model.chat's `tool_choice`: "auto", "required", "none", or (`named`) the name of a tool among `tools`."""
+    if named:
+        if choice not in {tool["function"]["name"] for tool in tools}:
+            raise APIError(400, f"tool_choice names {choice!r}, which is not among the tools", param="tool_choice")
+        return choice
+    if choice == "required" and not tools:
+        raise APIError(400, "tool_choice 'required' needs tools to call", param="tool_choice")
+    return choice or "auto"
+
+
 def _option_field(option: Any) -> tuple[Any, Any]:
     """A request field for one of localqwen's generation options (sampling.OPTIONS), with its range."""
     low = {"gt" if option.above_minimum else "ge": option.minimum}
@@ -119,6 +163,7 @@ class GenerationRequest(GenerationOptions):  # type: ignore[misc, valid-type]
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
+    response_format: ResponseFormat | None = None
 
     def options(self) -> dict[str, Any]:
         """The generation options the request set, as Model.chat takes them (stop strings included)."""
@@ -127,11 +172,20 @@ class GenerationRequest(GenerationOptions):  # type: ignore[misc, valid-type]
             chosen["max_tokens"] = self.max_completion_tokens
         return {**chosen, "stop": self.stop}
 
+    def schema(self, server: ServerState) -> dict[str, Any] | None:
+        """The answer's JSON Schema (response_format), or None for text."""
+        fmt = self.response_format
+        if fmt is None:
+            return None
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+        return answer_schema(server, fmt.type, schema, "response_format.json_schema.schema")
+
 
 class ChatRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
     def options(self) -> dict[str, Any]:
@@ -238,6 +292,8 @@ class Reply:
         stats = self.output.stats
         # The stop string that ended the reply, as vLLM reports it (localqwen's remote backend reads it back).
         stopped = {"stop_reason": stats.stop_sequence} if finish_reason and stats and stats.stop_sequence else {}
+        if finish_reason and stats and stats.wrap_up:  # the thinking was closed for the model, and why
+            stopped["thinking_wrap_up"] = stats.wrap_up
         if not self.chat:
             text = "".join(self.output.content) if delta is None else delta.get("content", "")
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, **stopped}
@@ -275,7 +331,7 @@ class Reply:
 
 
 async def respond(request: Request, server: ServerState, reply: Reply, start: Any) -> Response:
-    generation = await server.start(request, start)
+    generation = await server.start(request, start, reply.base["id"] if reply.chat else None)
     if not reply.req.stream:
         return reply.whole(await collect(request, generation))
     return EventStream(reply.stream(generation), generation)
@@ -295,14 +351,15 @@ async def chat_completions(request: Request) -> Response:
     check_n(req)
     messages = [m.for_template() for m in req.messages]
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.tool_choice != "none" else []
-    if isinstance(req.tool_choice, NamedToolChoice):
-        name = req.tool_choice.function.get("name")
-        if name not in {t["function"]["name"] for t in tools}:
-            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
-    options = req.options()
+    named = isinstance(req.tool_choice, NamedToolChoice)
+    choice = req.tool_choice.function.get("name", "") if isinstance(req.tool_choice, NamedToolChoice) else \
+        req.tool_choice
+    tool_choice = tool_choice_of(choice, tools, named=named)
+    options = {**req.options(), "schema": req.schema(server)}
 
     def start() -> Iterator[Event]:
-        return server.model.chat(messages, tools=tools or None, **options)
+        return server.model.chat(messages, tools=tools or None, tool_choice=tool_choice,
+                                 parallel_tool_calls=req.parallel_tool_calls, **options)
 
     output = ChatOutput(think_in_content=server.reasoning_format == "none", parse_tools=bool(tools))
     return await respond(request, server, Reply(server, req, output, chat=True), start)
@@ -323,7 +380,7 @@ async def completions(request: Request) -> Response:
     n_vocab = server.model.n_vocab
     if isinstance(prompt, list) and not all(0 <= t < n_vocab for t in prompt):
         raise APIError(400, f"prompt token ids must be in [0, {n_vocab})", param="prompt")
-    options = req.options()
+    options = {**req.options(), "schema": req.schema(server)}
 
     def start() -> Iterator[Event]:
         tokens = server.model.tokenize(prompt, special=True) if isinstance(prompt, str) else list(prompt)
@@ -331,6 +388,11 @@ async def completions(request: Request) -> Response:
 
     output = ChatOutput(think_in_content=False, parse_tools=False)
     return await respond(request, server, Reply(server, req, output, chat=False), start)
+
+
+@router.post("/v1/chat/completions/{completion_id}/answer-now")
+async def answer_now(request: Request, completion_id: str) -> dict[str, Any]:
+    return ServerState.of(request).answer_now(request, completion_id)
 
 
 @router.get("/v1/models")

@@ -1,6 +1,8 @@
 """OpenAI's Responses API, as localqwen serves it (Codex, newer OpenAI SDK code): stateless, as `store: false` is.
 
-    POST /v1/responses    reasoning, message and function_call output items; streamed as Responses events
+    POST /v1/responses                   reasoning, message and function_call output items; streamed as Responses
+                                         events
+    POST /v1/responses/{id}/answer-now   end the thinking of a running response (the `id` of its events)
 
 Choices, for clients to rely on:
 - Nothing is stored: every request carries its whole conversation in `input` (messages, function_call and
@@ -12,9 +14,11 @@ Choices, for clients to rely on:
 - `reasoning.effort` is a thinking budget (openai.REASONING_EFFORT; "xhigh" as "high"), `max_output_tokens` the limit
   of thinking and answer together; running out of it makes the response "incomplete" (reason max_output_tokens).
 - Function tools only: tools of other types (web search, file search, shell, ...) are left out, as nothing here
-  runs them. "required" and named tool choices are passed on as tools (the model is not constrained). A tool call
-  that is not valid JSON with a name and object arguments stays text.
-- `text.format` other than "text" gets a 400 until structured answers exist.
+  runs them. `tool_choice` is enforced after the thinking as on /v1/chat/completions: "required", a named function,
+  "none" (the tools left out, no call possible), "auto" (every call the model opens is a valid one).
+- `text.format` {"type": "json_schema", "schema": ...} or {"type": "json_object"}: the answer is one JSON value of
+  that shape (the thinking stays free); a response cut short by max_output_tokens is "incomplete".
+- Answer now: POST /v1/responses/{id}/answer-now ends a running response's thinking (see openai.py).
 - Errors have OpenAI's shape; in a stream, an `error` event.
 """
 
@@ -32,7 +36,14 @@ from pydantic import Discriminator, Field, Tag
 from localqwen.events import Event
 from localqwen.sampling import OPTION
 from localqwen.server.http import APIError, api_error, sse
-from localqwen.server.openai import REASONING_EFFORT, ChatOutput, GenerationOptions, Strict
+from localqwen.server.openai import (
+    REASONING_EFFORT,
+    ChatOutput,
+    GenerationOptions,
+    Strict,
+    answer_schema,
+    tool_choice_of,
+)
 from localqwen.server.runs import EventStream, Generation, collect, events_of
 from localqwen.server.state import ServerState
 
@@ -113,7 +124,11 @@ class Reasoning(Strict):
 
 
 class TextFormat(Strict):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
 
 
 class TextOptions(Strict):
@@ -170,16 +185,16 @@ def text_of(content: str | list[TextPart]) -> str:
     return content if isinstance(content, str) else "".join(part.text for part in content)
 
 
-def chat_arguments(req: ResponsesRequest) -> dict[str, Any]:
+def chat_arguments(server: ServerState, req: ResponsesRequest) -> dict[str, Any]:
     """Model.chat's keyword arguments for a request (messages and tools included)."""
     if req.previous_response_id is not None or req.conversation is not None:
         field = "previous_response_id" if req.previous_response_id is not None else "conversation"
         raise APIError(400, f"{field}: this server keeps no responses; send the whole conversation in `input`",
                        param=field)
-    if req.text is not None and req.text.format is not None and req.text.format.type != "text":
-        raise APIError(400, f"text.format {req.text.format.type!r} is not supported yet: only plain text answers",
-                       param="text.format")
     arguments = req.model_dump(include=set(OPTION), exclude_none=True)
+    text_format = req.text.format if req.text is not None else None
+    if text_format is not None:
+        arguments["schema"] = answer_schema(server, text_format.type, text_format.schema_, "text.format.schema")
     if req.max_output_tokens is not None:
         arguments["max_tokens"] = req.max_output_tokens
     requested = req.reasoning.effort if req.reasoning is not None else None
@@ -192,11 +207,10 @@ def chat_arguments(req: ResponsesRequest) -> dict[str, Any]:
     tools = [] if req.tool_choice == "none" else [
         {"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
         for tool in req.function_tools]
-    if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.name not in {
-            t["function"]["name"] for t in tools}:
-        raise APIError(400, f"tool_choice names {req.tool_choice.name!r}, which is not among the function tools",
-                       param="tool_choice")
-    return {**arguments, "messages": template_messages(req), "tools": tools or None}
+    named = isinstance(req.tool_choice, NamedToolChoice)
+    choice = req.tool_choice.name if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
+    return {**arguments, "messages": template_messages(req), "tools": tools or None,
+            "tool_choice": tool_choice_of(choice, tools, named=named), "parallel_tool_calls": req.parallel_tool_calls}
 
 
 # --- events to output items ------------------------------------------------------------------------------------
@@ -287,6 +301,8 @@ class Output:
             "total_tokens": stats.prompt_tokens + stats.completion_tokens}
         tool_choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedToolChoice) else (
             req.tool_choice or "auto")
+        given = req.text.format if req.text is not None else None
+        text_format = given.model_dump(by_alias=True, exclude_none=True) if given is not None else {"type": "text"}
         return {
             "id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
@@ -296,7 +312,7 @@ class Output:
             "reasoning": {"effort": effort, "summary": None}, "store": False,
             "temperature": req.temperature if req.temperature is not None else sampling.temperature,
             "top_p": req.top_p if req.top_p is not None else sampling.top_p,
-            "text": {"format": {"type": "text"}}, "tool_choice": tool_choice,
+            "text": {"format": text_format}, "tool_choice": tool_choice,
             "tools": [tool.model_dump(exclude_none=True) for tool in req.function_tools], "truncation": "disabled",
             "usage": usage, "metadata": req.metadata or {},
         }
@@ -329,19 +345,24 @@ async def stream(output: Output, generation: Generation) -> AsyncIterator[bytes]
 async def create_response(request: Request) -> Response:
     server = ServerState.of(request)
     req = await server.read(request, ResponsesRequest)
-    arguments = chat_arguments(req)
+    arguments = chat_arguments(server, req)
     output = Output(server, req, parse_tools=bool(arguments["tools"]))
 
     def start() -> Iterator[Event]:
         return server.model.chat(**arguments)
 
-    generation = await server.start(request, start)
+    generation = await server.start(request, start, output.id)
     if req.stream:
         return EventStream(stream(output, generation), generation)
     for event in await collect(request, generation):
         output.feed(event)
     output.close()
     return JSONResponse(output.response(output.status))
+
+
+@router.post("/v1/responses/{response_id}/answer-now")
+async def answer_now(request: Request, response_id: str) -> dict[str, Any]:
+    return ServerState.of(request).answer_now(request, response_id)
 
 
 @router.get("/v1/responses/{response_id}")

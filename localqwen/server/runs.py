@@ -27,6 +27,7 @@ class Generation:
 
     def __init__(self, stream: Stream | RemoteStream, on_event: Callable[[Event], None] | None = None) -> None:
         self.stream, self._on_event = stream, on_event
+        self.on_end: list[Callable[[], None]] = []  # run once, when its last event has been read or it is stopped
 
     async def open(self) -> None:
         """Wait until the model has taken the generation into a slot; raise what kept it from starting."""
@@ -40,6 +41,7 @@ class Generation:
         try:
             event = await self.stream.__anext__()
         except StopAsyncIteration:
+            self._ended()
             return None
         except LocalqwenError as exc:
             raise api_error(exc) from None
@@ -50,6 +52,19 @@ class Generation:
     def stop(self) -> None:
         """Cancel the generation; it ends at its next token with a done event (finish reason "cancelled")."""
         self.stream.cancel()
+        self._ended()
+
+    def end_thinking(self) -> None:
+        """Ask the model to wrap up its thinking and answer now (nothing happens once it answers)."""
+        try:
+            self.stream.end_thinking()
+        except LocalqwenError as exc:  # a remote endpoint that cannot do it
+            raise api_error(exc) from None
+
+    def _ended(self) -> None:
+        callbacks, self.on_end = self.on_end, []
+        for callback in callbacks:
+            callback()
 
 
 class ClientGone(Exception):

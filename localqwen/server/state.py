@@ -8,11 +8,13 @@ import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
 
+from localqwen.constrain import check_schema
+from localqwen.errors import BadRequest
 from localqwen.events import Event
 from localqwen.model import Model
 from localqwen.remote import RemoteModel, RemoteStream
@@ -35,6 +37,8 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     # Sees every generation's events on their way to the client (the metrics); runs in the generation's thread.
     observer: Callable[[Event], None] | None = None  # sees every generation's events (the metrics count them)
+    # Running generations by the id their clients see (a chat completion's, a response's): for "answer now".
+    generations: dict[str, Generation] = field(default_factory=dict)
 
     @staticmethod
     def of(request: Request) -> ServerState:
@@ -68,6 +72,31 @@ class ServerState:
                 raise too_big
         return parse_body(bytes(body), kind)
 
-    async def start(self, request: Request, start: Callable[[], Stream | RemoteStream]) -> Generation:
-        """Start a generation (`start` calls the model and returns its stream) and wait until it has a slot."""
-        return await self.scheduler.start(request, start, self.observer)
+    async def start(self, request: Request, start: Callable[[], Stream | RemoteStream], id: str | None = None,
+                    ) -> Generation:
+        """Start a generation (`start` calls the model and returns its stream) and wait until it has a slot. With an
+        `id`, answer_now finds it by that id until it ends."""
+        generation = await self.scheduler.start(request, start, self.observer)
+        if id is not None:
+            self.generations[id] = generation
+            generation.on_end.append(lambda: self.generations.pop(id, None))
+        return generation
+
+    def answer_now(self, request: Request, id: str) -> dict[str, Any]:
+        """End the thinking of the running generation `id` (the model answers at once); 404 when none runs by it."""
+        self.authorize(request)
+        generation = self.generations.get(id)
+        if generation is None:
+            raise APIError(404, f"no running generation {id!r}: it has finished, or there never was one",
+                           code="not_found")
+        generation.end_thinking()
+        return {"id": id, "answer_now": True}
+
+    def check_schema(self, schema: Any, where: str) -> None:
+        """Refuse, naming the request field, an answer schema the local runtime could not enforce (Model.chat would
+        refuse it too, naming only its own parts). An upstream engine judges the schemas it gets itself."""
+        if isinstance(self.model, Model):
+            try:
+                check_schema(schema, where)
+            except BadRequest as exc:
+                raise APIError(400, exc.message, param=where.split(".")[0]) from None

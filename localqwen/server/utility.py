@@ -3,7 +3,8 @@ tokenization.
 
     GET  /health       no key needed; shows only whether the server is busy
     GET  /props        no key needed (a page asks for one when this says so): the model, its context, default
-                       sampling and output budget, thinking-effort budgets
+                       sampling and output budget, thinking-effort budgets, whether a running completion's thinking
+                       can be ended (answer_now)
     POST /tokenize     {"content": text} or {"messages": [...], "tools": [...]} -> {"tokens": [...], "count": n}
     POST /detokenize   {"tokens": [...]} -> {"content": text}
 
@@ -19,6 +20,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from localqwen.constants import DEFAULT_MAX_TOKENS
+from localqwen.remote import RemoteModel
 from localqwen.server.http import APIError
 from localqwen.server.openai import REASONING_EFFORT, Message, Strict, Tool
 from localqwen.server.state import ServerState
@@ -51,7 +53,8 @@ async def props(request: Request) -> dict[str, Any]:
     model = server.model
     sampling = {k: v for k, v in model.sampling.to_dict().items() if k != "seed"}
     return {"model": server.model_id, "context_length": model.n_ctx, "sampling": sampling,
-            "max_tokens": DEFAULT_MAX_TOKENS, "reasoning_effort": REASONING_EFFORT, "answer_now": False,
+            "max_tokens": DEFAULT_MAX_TOKENS, "reasoning_effort": REASONING_EFFORT,
+            "answer_now": not isinstance(model, RemoteModel) or model.can_tokenize,  # POST .../{id}/answer-now
             "api_key_required": server.api_key is not None}
 
 
