@@ -22,7 +22,8 @@ from gguf.utility import LocalTensor
 from localqwen.constants import GGUF_ARCH
 from localqwen.errors import CheckpointError
 
-from .checkpoint import SAFETENSORS_DTYPE_SIZES, Checkpoint, read_json
+from .checkpoint import SAFETENSORS_DTYPE_SIZES, Checkpoint
+from .source_files import generation_config, quiet_gguf
 from .vocab import add_tokenizer
 
 # Output types gguf-py writes itself; everything else goes through llama.cpp's quantizer (quantize.py).
@@ -128,13 +129,19 @@ class FloatGGUF:
             self.tensors.append(streamed)
 
         total, shared, expert, expert_count = self.writer.get_total_parameter_count()
-        self.metadata = gguf.Metadata.load(None, checkpoint.folder, None, total)
+        # gguf-py reads the model card, config.json and generation_config.json again; checkpoint.load_checkpoint
+        # validated each of them first.
+        with quiet_gguf():
+            self.metadata = gguf.Metadata.load(None, checkpoint.folder, None, total)
         if self.metadata.name is None:
             self.metadata.name = checkpoint.folder.name
-        generation_config = checkpoint.folder / "generation_config.json"
-        if self.metadata.sampling_penalty_repeat is None and generation_config.is_file():
+        self.folder = checkpoint.folder
+        if not self.metadata.name.isprintable():  # shown by `localqwen info`: the GGUF check refuses control characters
+            raise CheckpointError("the model's name (from README.md or the folder's name) holds control characters",
+                                  checkpoint.folder)
+        if self.metadata.sampling_penalty_repeat is None:
             # As llama.cpp's own gguf-py (newer than the 0.19.0 release) does: HF calls it repetition_penalty.
-            self.metadata.sampling_penalty_repeat = read_json(generation_config).get("repetition_penalty")
+            self.metadata.sampling_penalty_repeat = generation_config(checkpoint.folder).get("repetition_penalty")
         if self.metadata.size_label is None and total > 0:
             self.metadata.size_label = gguf.size_label(total, shared, expert, expert_count)
         self.source_bytes = sum(t.source.data_range.size for t in self.tensors)
@@ -161,7 +168,12 @@ class FloatGGUF:
     def file_name(self, quant: str) -> str:
         """The GGUF naming convention, e.g. Qwen3-4B-Thinking-2507-Q4_K_M.gguf."""
         m = self.metadata
-        return gguf.naming_convention(m.name, m.basename, m.finetune, m.version, m.size_label, quant) + ".gguf"
+        name = gguf.naming_convention(m.name, m.basename, m.finetune, m.version, m.size_label, quant) + ".gguf"
+        # Its parts come from the model card: it must stay one plain file name in the output folder.
+        if not name.isprintable() or "/" in name or "\\" in name or name.startswith(".") or len(name.encode()) > 255:
+            raise CheckpointError(f"the model card's name makes an unusable file name {name[:80]!r}: use --outfile",
+                                  self.folder)
+        return name
 
     def write(self, path: Path, on_progress: ProgressCallback | None = None) -> None:
         w = self.writer

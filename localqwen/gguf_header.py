@@ -19,10 +19,17 @@ import numpy as np
 
 from localqwen.errors import LocalqwenError, ModelFileError
 
-MAX_COUNT = 1 << 20  # tensors, metadata entries
-MAX_ARRAY = 1 << 24  # elements in one metadata array
-MAX_STRING = 1 << 24  # bytes in one string (chat templates are kilobytes)
+MAX_KEYS = 1024  # metadata entries (a converted Qwen3 has ~35)
+MAX_TENSORS = 1 << 14  # 512 layers (llama.cpp's maximum) of 11 tensors, and room to spare
+MAX_ARRAY = 1 << 20  # elements in one metadata array (the vocabulary: 151,936)
+MAX_ARRAY_TOTAL = 1 << 21  # elements in all arrays together: bounds the walk's time (~0.2 us per skipped string)
+MAX_STRING = 1 << 20  # bytes in one string (chat templates are kilobytes)
+MAX_KEY = 256  # bytes in one key
+MAX_NAME = 63  # bytes in a tensor name: ggml's GGML_MAX_NAME is 64 with the NUL
 MAX_DIMS = 4
+# general.alignment: the spec wants a power of two and a multiple of 8, llama.cpp's CPU buffers assert on tensor
+# data that is not 32-byte aligned (ggml-backend.cpp: "buffer pointer must be aligned"); the cap is only sanity.
+MIN_ALIGNMENT, MAX_ALIGNMENT = 32, 1 << 20
 KEEP_ARRAY = 64  # arrays up to this length are decoded; longer ones are summarised as ArrayInfo
 SCALARS = {
     gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
@@ -41,6 +48,8 @@ class ArrayInfo:
 
     item_type: gguf.GGUFValueType
     count: int
+    offset: int  # where its first element starts in the file
+    size: int  # bytes its elements take
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class TensorInfo:
 class GGUFHeader:
     version: int
     metadata: dict[str, Any]
+    types: dict[str, tuple[gguf.GGUFValueType, gguf.GGUFValueType | None]]  # key -> (type, element type of arrays)
     tensors: dict[str, TensorInfo]
     data_offset: int
     file_size: int
@@ -64,6 +74,8 @@ class GGUFHeader:
 class _Cursor:
     def __init__(self, buf: mmap.mmap, path: Path) -> None:
         self.buf, self.pos, self.path = buf, 0, path
+        self.array_budget = MAX_ARRAY_TOTAL
+        self.last_item_type: gguf.GGUFValueType | None = None
 
     def fail(self, message: str) -> LocalqwenError:
         return ModelFileError(f"not a valid GGUF file: {message} (at byte {self.pos})", self.path)
@@ -109,7 +121,12 @@ class _Cursor:
         if nested:
             raise self.fail("arrays of arrays are not supported")
         item = self.value_type()
+        self.last_item_type = item
         n = self.count(MAX_ARRAY, "array length")
+        self.array_budget -= n
+        if self.array_budget < 0:
+            raise self.fail(f"the arrays hold more than {MAX_ARRAY_TOTAL} elements together")
+        start = self.pos
         if n <= KEEP_ARRAY:
             return [self.value(item, nested=True) for _ in range(n)]
         if item in SCALARS:
@@ -118,7 +135,7 @@ class _Cursor:
             self.skip_strings(n)
         else:
             raise self.fail("arrays of arrays are not supported")
-        return ArrayInfo(item, n)
+        return ArrayInfo(item, n, start, self.pos - start)
 
     def skip_strings(self, n: int) -> None:
         """Step over n strings (a vocabulary: 150k of them) with bounds checks, without decoding them."""
@@ -137,6 +154,8 @@ class _Cursor:
 
 def _tensor_info(cur: _Cursor) -> TensorInfo:
     name = cur.string()
+    if not name or len(name.encode()) > MAX_NAME or not name.isprintable():
+        raise cur.fail(f"tensor name {name[:80]!r} is empty, longer than {MAX_NAME} bytes or not printable")
     n_dims = cur.unpack("<I")
     if not 1 <= n_dims <= MAX_DIMS:
         raise cur.fail(f"tensor {name} has {n_dims} dimensions")
@@ -172,27 +191,47 @@ def read_header(path: Path | str) -> GGUFHeader:
         version = cur.unpack("<I")
         if version not in (2, 3):
             raise cur.fail(f"unsupported version {version}")
-        n_tensors = cur.count(MAX_COUNT, "tensor count")
-        n_kv = cur.count(MAX_COUNT, "metadata count")
+        n_tensors = cur.count(MAX_TENSORS, "tensor count")
+        n_kv = cur.count(MAX_KEYS, "metadata count")
         metadata: dict[str, Any] = {}
+        types: dict[str, tuple[gguf.GGUFValueType, gguf.GGUFValueType | None]] = {}
         for _ in range(n_kv):
             key = cur.string()
+            if not key or len(key.encode()) > MAX_KEY or not key.isprintable():  # keys end up in one-line errors
+                raise cur.fail(f"metadata key {key[:80]!r} is empty, longer than {MAX_KEY} bytes or not printable")
             if key in metadata:
                 raise cur.fail(f"duplicate metadata key {key}")
-            metadata[key] = cur.value(cur.value_type())
+            kind = cur.value_type()
+            cur.last_item_type = None
+            metadata[key] = cur.value(kind)
+            types[key] = (kind, cur.last_item_type)
         tensors: dict[str, TensorInfo] = {}
         for _ in range(n_tensors):
             info = _tensor_info(cur)
             if info.name in tensors:
                 raise cur.fail(f"duplicate tensor {info.name}")
             tensors[info.name] = info
-        alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise cur.fail(f"general.alignment {alignment!r} is not a power of two")
+        alignment = _alignment(metadata, types, cur)
         data_offset = -(-cur.pos // alignment) * alignment
         file_size = len(buf)
+    expected_offset = 0  # llama.cpp's reader wants the tensors' data back to back, in order, each padded
     for info in tensors.values():
-        if info.offset % alignment or data_offset + info.offset + info.n_bytes > file_size:
-            raise ModelFileError(f"not a valid GGUF file: tensor {info.name} lies outside the file or is misaligned "
+        if info.offset != expected_offset:
+            raise ModelFileError(f"not a valid GGUF file: tensor {info.name} has data offset {info.offset}, the layout "
+                                 f"implies {expected_offset}", path)
+        if data_offset + info.offset + info.n_bytes > file_size:
+            raise ModelFileError(f"not a valid GGUF file: tensor {info.name} lies outside the file "
                                  "(truncated download?)", path)
-    return GGUFHeader(version, metadata, tensors, data_offset, file_size)
+        expected_offset += -(-info.n_bytes // alignment) * alignment
+    return GGUFHeader(version, metadata, types, tensors, data_offset, file_size)
+
+
+def _alignment(metadata: dict[str, Any], types: dict[str, Any], cur: _Cursor) -> int:
+    if "general.alignment" not in metadata:
+        return gguf.GGUF_DEFAULT_ALIGNMENT
+    alignment = metadata["general.alignment"]
+    if types["general.alignment"][0] != gguf.GGUFValueType.UINT32:
+        raise cur.fail(f"general.alignment must be a uint32, got {types['general.alignment'][0].name.lower()}")
+    if alignment & (alignment - 1) or not MIN_ALIGNMENT <= alignment <= MAX_ALIGNMENT:
+        raise cur.fail(f"general.alignment {alignment} is not a power of two in {MIN_ALIGNMENT}..{MAX_ALIGNMENT}")
+    return alignment

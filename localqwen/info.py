@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from localqwen.metadata import SAMPLING_KEYS, read_metadata
+from localqwen.modelcheck import check_model
 from localqwen.plan import KV_TYPES, choose_plan, largest_context, shape_of, shortfall
 from localqwen.sampling import Sampling
+from localqwen.template_check import check_template
 
 
 def tensor_kind(name: str) -> str:
@@ -20,8 +22,10 @@ def tensor_kind(name: str) -> str:
 
 
 def model_info(path: Path) -> dict[str, Any]:
-    """What `localqwen info` shows."""
+    """What `localqwen info` shows, for a file that passes every check Model.load makes before llama.cpp sees it."""
     meta = read_metadata(path)
+    check_model(meta)
+    check_template(meta.chat_template, meta.path)
     mixture: dict[str, Counter[str]] = defaultdict(Counter)
     types: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
     for name, tensor in meta.tensors.items():
@@ -46,7 +50,9 @@ def plan_report(path: Path, n_ctx: int | str = "auto", *, kv_type: str = "f16", 
                 gpu_layers: int | str = "auto", max_ctx: int | None = None, parallel: int | str = 1) -> dict[str, Any]:
     """The plan Model.load would make for these settings (plan.choose_plan, the same choice, without loading
     anything), whether it fits (plan.shortfall, the same rule), and the largest context each KV type allows here."""
-    shape = shape_of(read_metadata(path))
+    meta = read_metadata(path)
+    check_model(meta)
+    shape = shape_of(meta)
     plan, memory = choose_plan(shape, n_ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers,
                                max_ctx=max_ctx, parallel=parallel)
 

@@ -28,11 +28,12 @@ from localqwen.generation import Limits, Turn
 from localqwen.metadata import ModelMetadata, read_metadata
 from localqwen.modelcheck import check_model
 from localqwen.plan import MemoryPlan, choose_plan, shape_of, shortfall
-from localqwen.prompt import render_chat
+from localqwen.probe import ensure_loadable
 from localqwen.prompt_cache import DEFAULT_MAX_BYTES, PromptCache, setting_key
 from localqwen.sampler import Sampler
 from localqwen.sampling import Sampling
 from localqwen.stream import Stream
+from localqwen.template_check import chat_renderer, check_template
 
 if TYPE_CHECKING:
     from localqwen.agent import AgentRun
@@ -58,6 +59,7 @@ class Model:
         special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
         self.special_texts = [self._vocab.piece(i, special=True).decode("utf-8", "replace")
                               for i in range(self.n_vocab) if self._vocab.attributes(i) & special]
+        self._renderer = chat_renderer(self.template, self.special_texts)  # another template renders in a child
         self.wrap_up_ids = self.tokenize(WRAP_UP_TEXT, special=True)
         # Every end-of-generation token llama.cpp knows for this vocabulary (<|im_end|>, <|endoftext|>, and the FIM
         # ends <|fim_pad|>, <|repo_name|>, <|file_sep|>): a finished grammar allows only these.
@@ -83,16 +85,21 @@ class Model:
             raise ModelFileError("model file not found", path)
         meta = read_metadata(path)
         check_model(meta)  # llama.cpp aborts the process on some bad files: refuse them first
+        check_template(meta.chat_template, path)  # untrusted code: rendered once, in a bounded child process
         plan, memory = choose_plan(shape_of(meta), n_ctx, kv_type=kv_type, flash_attn=flash_attn,
                                    gpu_layers=gpu_layers, max_ctx=max_ctx, parallel=parallel)
         if (why := shortfall(plan, memory)) is not None:
             raise ModelFileError(f"{why}: lower --ctx or use --kv-cache q8_0/q4_0", path)
+        kv_type_id, n_threads = GGML_KV_TYPE_IDS[plan.kv_type], threads or default_threads()
+        # For asserts nobody anticipated: a child process loads a file localqwen has not seen first.
+        ensure_loadable(meta, gpu_layers=plan.gpu_layers, n_seq_max=plan.n_seq, flash_attn=plan.flash_attn,
+                        kv_type=kv_type_id, n_threads=n_threads)
         started = time.perf_counter()
         try:
             llama_model = load_model(path, gpu_layers=plan.gpu_layers)
             context = new_context(llama_model, n_ctx=plan.n_ctx, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch,
-                                  n_seq_max=plan.n_seq, flash_attn=plan.flash_attn,
-                                  kv_type=GGML_KV_TYPE_IDS[plan.kv_type], n_threads=threads or default_threads())
+                                  n_seq_max=plan.n_seq, flash_attn=plan.flash_attn, kv_type=kv_type_id,
+                                  n_threads=n_threads)
         except (ValueError, RuntimeError) as exc:
             detail = last_error() or str(exc)
             raise ModelFileError(f"llama.cpp could not load the model ({detail})", path) from None
@@ -152,7 +159,7 @@ class Model:
     def tokenize_chat(self, messages: list[Any], tools: list[Any] | None = None) -> list[int]:
         """The prompt tokens: template structure as special tokens, user-supplied text never."""
         tokens: list[int] = []
-        for segment in render_chat(self.template, messages, self.special_texts, tools=tools):
+        for segment in self._renderer.render(messages, tools):
             tokens += self.tokenize(segment.text, special=segment.special)
         return tokens
 
@@ -230,6 +237,7 @@ class Model:
         self._engine.end_thinking_all()
 
     def close(self) -> None:
+        self._renderer.close()
         self._engine.close()
         self._context.close()
         self._model.close()

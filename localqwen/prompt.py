@@ -125,6 +125,8 @@ def render_chat(template: str, messages: list[Any], specials: list[str], *, tool
     try:
         rendered = compile_template(template).render(
             messages=safe_messages, tools=safe_tools, add_generation_prompt=add_generation_prompt)
-    except TemplateError as exc:
-        raise BadRequest(f"the chat template failed: {exc}") from None
+    except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError, RecursionError, MemoryError) as exc:
+        # The template is the GGUF's code: however it fails on these messages, the caller gets one line.
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__  # MemoryError() says nothing
+        raise BadRequest(f"the chat template failed: {detail}") from None
     return protector.segments(rendered)

@@ -16,7 +16,13 @@ class Command(click.Command):
         try:
             return super().invoke(ctx)
         except LocalqwenError as exc:
-            raise click.ClickException(exc.message) from None
+            raise click.ClickException(one_line(exc.message)) from None
+
+
+def one_line(message: str) -> str:
+    """Messages quote what came from files and requests (keys, names, values): whatever those hold, the user gets
+    one printable line (no forged second line, no terminal escape sequences)."""
+    return "".join(ch if ch.isprintable() else " " if ch in "\n\r\t" else "?" for ch in message)
 
 
 class Group(click.Group):
