@@ -29,10 +29,36 @@ def backend_names() -> list[str]:
             if ":" in part and "=" not in part.split(":")[0]]
 
 
-def gpu_offload_supported() -> bool:
-    import llama_cpp
+# ggml_backend_dev_type (ggml-backend.h): the device kinds llama.cpp offloads layers to.
+GGML_DEVICE_GPU, GGML_DEVICE_IGPU = 1, 2
 
-    return bool(llama_cpp.llama_supports_gpu_offload())
+
+@functools.cache
+def ggml_devices() -> tuple[tuple[str, int], ...]:
+    """Every device ggml registered in the installed llama.cpp: (name, ggml_backend_dev_type), e.g. ("CPU", 0),
+    ("CUDA0", 1). llama-cpp-python binds none of ggml's device API, so it is read from libggml directly."""
+    import llama_cpp.llama_cpp as native  # loads libllama, which registers ggml's backends
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    ggml = load_shared_library("ggml", native._base_path)
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.argtypes, ggml.ggml_backend_dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
+    for name, restype in (("ggml_backend_dev_type", ctypes.c_int), ("ggml_backend_dev_name", ctypes.c_char_p)):
+        getattr(ggml, name).argtypes, getattr(ggml, name).restype = [ctypes.c_void_p], restype
+    devices = [ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count())]
+    return tuple((ggml.ggml_backend_dev_name(d).decode(errors="replace"), ggml.ggml_backend_dev_type(d))
+                 for d in devices)
+
+
+def gpu_devices() -> tuple[str, ...]:
+    """The GPUs llama.cpp can offload layers to ("CUDA0", "Metal", ...): ggml's devices of type GPU or integrated
+    GPU. Not llama_supports_gpu_offload(): that is also true when only the RPC backend is compiled in, with no GPU
+    at all."""
+    return tuple(name for name, kind in ggml_devices() if kind in (GGML_DEVICE_GPU, GGML_DEVICE_IGPU))
+
+
+def gpu_offload_supported() -> bool:
+    return bool(gpu_devices())
 
 
 def amx_repacking() -> bool:

@@ -34,7 +34,7 @@ def system_report() -> dict[str, Any]:
     import psutil
     from huggingface_hub import constants
 
-    from localqwen.backend import backend_names, gpu_offload_supported
+    from localqwen.backend import backend_names, gpu_devices
     from localqwen.hub import offline
     from localqwen.paths import DEFAULT_MODEL_FILE, home, models_dir
     from localqwen.plan import available_memory
@@ -48,7 +48,8 @@ def system_report() -> dict[str, Any]:
     return {
         "versions": {name: metadata.version(name) for name in ("localqwen", "llama-cpp-python", "gguf",
                                                                 "huggingface_hub")},
-        "backend": {"names": backend_names(), "gpu_offload": gpu_offload_supported(), "cpu_count": os.cpu_count()},
+        "backend": {"names": backend_names(), "gpu_offload": bool(gpu_devices()), "gpu_devices": list(gpu_devices()),
+                    "cpu_count": os.cpu_count()},
         "memory": {"total": psutil.virtual_memory().total, "available": ram, "free_vram": vram},
         "store": {"home": str(home()), "models": len(list_models()),
                   "default_model": (models_dir() / DEFAULT_MODEL_FILE).is_file(),

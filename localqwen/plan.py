@@ -246,11 +246,11 @@ def _free_vram() -> int | None:
 
 
 def available_memory() -> tuple[int, int | None]:
-    """(free RAM, free VRAM or None when this llama.cpp build cannot offload or no GPU memory can be measured)."""
-    import llama_cpp
+    """(free RAM, free VRAM or None when llama.cpp sees no GPU or no GPU memory can be measured)."""
+    from localqwen import backend
 
     ram = psutil.virtual_memory().available
-    return ram, (_free_vram() if llama_cpp.llama_supports_gpu_offload() else None)
+    return ram, (_free_vram() if backend.gpu_offload_supported() else None)
 
 
 def largest_context(shape: ModelShape, budget_bytes: int, *, kv_type: str, flash_attn: bool, gpu_layers: int = 0,

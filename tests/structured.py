@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
+from pydantic import BaseModel, Field
 from tokenizers import Tokenizer
 
 from localqwen.constants import IM_END_ID
@@ -55,6 +56,18 @@ ORDER = {
 }
 COLOURS = {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 4}
 SCHEMAS = {"person": PERSON, "order": ORDER, "colours": COLOURS}
+
+
+class Person(BaseModel):  # PERSON as an app writes it (the SDKs send its strict JSON Schema)
+    class Address(BaseModel):
+        city: str = Field(max_length=10)
+        zip: str = Field(pattern="^[0-9]{5}$")
+
+    name: str = Field(max_length=12)
+    age: int
+    role: Literal["admin", "user", "guest"]
+    address: Address
+
 
 # Several tools with required, enum and nested arguments: strict tool choices pick among them.
 TOOLS = [

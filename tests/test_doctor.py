@@ -24,6 +24,7 @@ def test_doctor_self_test_passes_within_a_minute(monkeypatch: pytest.MonkeyPatch
     report = json.loads(result.output)
     assert "hf_not_a_real_token" not in result.output and report["hub"]["token_set"] is True
     assert "CPU" in report["backend"]["names"] and isinstance(report["backend"]["gpu_offload"], bool)
+    assert report["backend"]["gpu_offload"] == bool(report["backend"]["gpu_devices"])
     assert report["memory"]["available"] > 0 and report["store"]["models"] == 0
     assert report["store"]["default_model"] is False
     test = report["self_test"]

@@ -148,13 +148,13 @@ def test_auto_gpu_layers() -> None:
 
 
 def test_available_memory_on_this_build(monkeypatch: pytest.MonkeyPatch) -> None:
-    import llama_cpp
+    from localqwen import backend
 
     ram, vram = available_memory()
     assert ram > 0
-    if not llama_cpp.llama_supports_gpu_offload():
+    if not backend.gpu_devices():
         assert vram is None
-    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    monkeypatch.setattr(backend, "gpu_devices", lambda: ("CUDA0",))
     monkeypatch.setattr(plan_module.shutil, "which", lambda name: None)
     monkeypatch.setattr(plan_module.sys, "platform", "linux")
     assert available_memory()[1] is None  # a GPU build without nvidia-smi: unknown
@@ -289,3 +289,17 @@ def test_plan_matches_llama_cpp(attention_gguf: Path, n_ctx: int, kv_type: str, 
         assert planned_mib == pytest.approx(got[kind], abs=max(1.0, 0.03 * got[kind])), kind
     assert plan.total / MiB == pytest.approx(sum(got.values()), rel=0.03)
     assert plan.total_gpu == 0
+
+
+def test_gpu_devices_are_ggmls_own() -> None:
+    """The devices come from ggml's registry (libggml, through ctypes): this build's CPU device is there, and only
+    devices of a GPU type count for offload (llama_supports_gpu_offload would also count an RPC-only build)."""
+    import llama_cpp
+
+    from localqwen.backend import GGML_DEVICE_GPU, GGML_DEVICE_IGPU, ggml_devices, gpu_devices
+
+    devices = ggml_devices()
+    assert ("CPU", 0) in devices
+    assert gpu_devices() == tuple(name for name, kind in devices if kind in (GGML_DEVICE_GPU, GGML_DEVICE_IGPU))
+    if not llama_cpp.llama_supports_rpc():  # without RPC, llama.cpp's own answer agrees
+        assert bool(gpu_devices()) == llama_cpp.llama_supports_gpu_offload()

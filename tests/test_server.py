@@ -43,8 +43,9 @@ def load_chain(tmp: Path, name: str, chain: list[int], n_ctx: int = 512, **load:
 
 
 @contextlib.contextmanager
-def running(app: FastAPI) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+def running(app: FastAPI, port: int = 0) -> Iterator[str]:
+    """`app` served by uvicorn on 127.0.0.1 (`port`, or a free one) in a thread; its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -15,7 +15,7 @@ import jsonschema
 import ollama
 import openai
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from localqwen.model import Model
 from localqwen.server import create_app
@@ -26,6 +26,7 @@ from tests.structured import (
     SCHEMAS,
     THINK_BRIEFLY,
     TOOLS,
+    Person,
     check_answer,
     check_call,
     mostly_complete,
@@ -38,17 +39,6 @@ NAMES = {tool["function"]["name"] for tool in TOOLS}
 ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
                     "input_schema": t["function"]["parameters"]} for t in TOOLS]
 RESPONSES_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
-
-
-class Person(BaseModel):
-    class Address(BaseModel):
-        city: str = Field(max_length=10)
-        zip: str = Field(pattern="^[0-9]{5}$")
-
-    name: str = Field(max_length=12)
-    age: int
-    role: Literal["admin", "user", "guest"]
-    address: Address
 
 
 class Switches(BaseModel):  # bounded without maxLength or maxItems, which Anthropic's SDK moves into descriptions

@@ -8,13 +8,11 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator
-from typing import Literal
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel, Field
 
 from localqwen.constants import THINKING_BUDGET_WRAP_UP
 from localqwen.model import Model
@@ -28,6 +26,7 @@ from tests.structured import (
     SCHEMAS,
     THINK_BRIEFLY,
     TOOLS,
+    Person,
     check_answer,
     check_call,
     mostly_complete,
@@ -56,17 +55,6 @@ CITY_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters
     "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
     "additionalProperties": False}}}
 TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
-
-
-class Person(BaseModel):  # PERSON's shape as an app writes it (the SDK sends its strict JSON Schema)
-    class Address(BaseModel):
-        city: str = Field(max_length=10)
-        zip: str = Field(pattern="^[0-9]{5}$")
-
-    name: str = Field(max_length=12)
-    age: int
-    role: Literal["admin", "user", "guest"]
-    address: Address
 
 
 @pytest.fixture(scope="module")

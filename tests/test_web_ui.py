@@ -27,7 +27,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
 
 from localqwen.constants import THINK_CLOSE_ID, THINKING_BUDGET_WRAP_UP
@@ -473,25 +472,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@contextlib.contextmanager
-def serving_on(app, port: int) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 def test_conversations_survive_a_reload_and_a_server_restart(models: dict, watch) -> None:
     port = free_port()
-    with serving_on(create_app(models["scripted"]), port) as url:
+    with running(create_app(models["scripted"]), port) as url:
         watched = watch(url)
         page = watched.page()
         with new_reply(page, 1):
@@ -503,7 +486,7 @@ def test_conversations_survive_a_reload_and_a_server_restart(models: dict, watch
         page.wait_for_selector("body[data-ready]")
         assert page.locator("#conversations .open").all_inner_texts() == ["Hello", "Hi"]
         assert page.locator("#conversations li.current .open").inner_text() == "Hello"  # the one left open
-    with serving_on(create_app(models["scripted"]), port):  # a new server process on the same address
+    with running(create_app(models["scripted"]), port):  # a new server process on the same address
         page.reload()
         page.wait_for_selector("body[data-ready]")
         page.click("#conversations li:nth-child(2) .open")

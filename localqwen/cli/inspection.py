@@ -110,8 +110,9 @@ def _print_system(report: dict[str, Any]) -> None:
     versions, backend, memory = report["versions"], report["backend"], report["memory"]
     store, hub = report["store"], report["hub"]
     click.echo("versions     " + ", ".join(f"{name} {v}" for name, v in versions.items()))
-    click.echo(f"backend      {', '.join(backend['names'])}; GPU offload {'yes' if backend['gpu_offload'] else 'no'}; "
-               f"{backend['cpu_count']} CPUs")
+    gpus = ", ".join(backend["gpu_devices"]) or "none"
+    click.echo(f"backend      {', '.join(backend['names'])}; GPU offload {'yes' if backend['gpu_offload'] else 'no'} "
+               f"(GPUs: {gpus}); {backend['cpu_count']} CPUs")
     click.echo(f"memory       {human_size(memory['available'])} of {human_size(memory['total'])} free"
                + (f"; {human_size(memory['free_vram'])} VRAM free" if memory["free_vram"] else ""))
     click.echo(f"store        {store['home']}: {store['models']} model(s), default model "

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from tests.robustness import case_sample
+from tests.robustness.case_sample import class_of, unique
 
 CLASSES = ("special_files", "sizes", "json", "hparams", "tokenizer", "model_card", "shards")
 Damage = Callable[[Path], None]
@@ -36,7 +38,7 @@ class Case:
 
     @property
     def klass(self) -> str:
-        return self.name.split("/", 1)[0]
+        return class_of(self)
 
     def make(self, pristine: Path, dest: Path) -> Path:
         shutil.copytree(pristine, dest, copy_function=os.link)
@@ -333,19 +335,9 @@ def shard_cases() -> list[Case]:
 def cases() -> tuple[Case, ...]:
     all_cases = (special_file_cases() + size_cases() + json_cases() + hparam_cases() + tokenizer_cases()
                  + model_card_cases() + shard_cases())
-    names = [case.name for case in all_cases]
-    assert len(names) == len(set(names)), "case names must be unique"
-    return tuple(all_cases)
+    return unique(all_cases)
 
 
 def sample(seed: int, per_class: int) -> list[Case]:
     """`per_class` cases of each class chosen by `seed`, including a fine one where the class has some."""
-    rng = random.Random(seed)
-    chosen: list[Case] = []
-    for klass in CLASSES:
-        members = [case for case in cases() if case.klass == klass]
-        fine = [case for case in members if case.fine]
-        picked = rng.sample(fine, 1) if fine else []
-        rest = [case for case in members if case not in picked]
-        chosen += picked + rng.sample(rest, min(per_class - len(picked), len(rest)))
-    return chosen
+    return case_sample.sample(cases(), CLASSES, seed, per_class)

@@ -16,7 +16,6 @@ larger alignment, a reworded chat template...), which localqwen must accept. `ca
 
 from __future__ import annotations
 
-import random
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
 from localqwen.template_check import OFFICIAL_TEMPLATE
+from tests.robustness import case_sample
+from tests.robustness.case_sample import class_of, unique
 from tests.robustness.gguf_doc import GGUFDoc
 
 Build = Callable[[GGUFDoc], GGUFDoc | bytes]
@@ -45,7 +46,7 @@ class Case:
 
     @property
     def klass(self) -> str:
-        return self.name.split("/", 1)[0]
+        return class_of(self)
 
     def write(self, base: GGUFDoc, path: Path) -> Path:
         out = self.build(base.copy())
@@ -401,19 +402,9 @@ def limit_cases() -> list[Case]:
 def cases() -> tuple[Case, ...]:
     all_cases = (hparams_cases() + vocab_cases() + tensor_type_cases() + tensor_cases() + metadata_type_cases()
                  + template_cases() + limit_cases())
-    names = [case.name for case in all_cases]
-    assert len(names) == len(set(names)), "case names must be unique"
-    return tuple(all_cases)
+    return unique(all_cases)
 
 
 def sample(seed: int, per_class: int) -> list[Case]:
-    """`per_class` cases of each class, chosen by `seed`, always including a fine one where the class has some."""
-    rng = random.Random(seed)
-    chosen: list[Case] = []
-    for klass in CLASSES:
-        members = [case for case in cases() if case.klass == klass]
-        fine = [case for case in members if case.fine]
-        picked = rng.sample(fine, 1) if fine else []
-        rest = [case for case in members if case not in picked]
-        chosen += picked + rng.sample(rest, min(per_class - len(picked), len(rest)))
-    return chosen
+    """`per_class` cases of each class chosen by `seed`, including a fine one where the class has some."""
+    return case_sample.sample(cases(), CLASSES, seed, per_class)
