@@ -6,9 +6,11 @@
 For each N, in alternating rounds on the same GGUF and threads: localqwen (Model.load(parallel=N), N threads each
 streaming one generation) and llama-server at its defaults with `-np N` (`-c` sized for N slots of the same context,
 `--min-p 0` as localqwen sets the card's min_p; N concurrent /completion requests). Every stream has its own prompt
-of --prompt-tokens (distinct corpus windows: no shared prefix) and generates exactly --gen tokens (random weights
-never end their turn; llama-server gets ignore_eos). Reported per N: total generated tokens per second (all streams'
-tokens over the wall time from the first request to the last token), mean time to first token, and the ratio.
+of --prompt-tokens (distinct corpus windows: no shared prefix; new ones each round, so nothing is reused from a
+cache) and generates exactly --gen tokens (random weights never end their turn; llama-server gets ignore_eos).
+Reported per N: total generated tokens per second (all streams' tokens over the wall time from the first request to
+the last token, prompts included) and the ratio; the decode throughput once every stream is generating (what
+batching multiplies); each against one stream; mean time to first token.
 
 The prompt cache: a --restore-tokens prompt evaluated from scratch (time to first token), then, in a newly loaded
 model, the same prompt restored from the disk cache.
@@ -29,6 +31,9 @@ from llama_server import LlamaServer
 
 from localqwen.model import Model, default_threads
 
+COLUMNS = ["streams", "localqwen_tok_s", "server_tok_s", "ratio", "localqwen_vs_one", "localqwen_decode_tok_s",
+           "server_decode_tok_s", "localqwen_decode_vs_one", "server_decode_vs_one", "localqwen_ttft_s",
+           "server_ttft_s"]
 SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
 
 
@@ -40,14 +45,14 @@ def windows(model: Model, n_tokens: int, count: int) -> list[list[int]]:
 
 
 def localqwen_round(model: Model, prompts: list[list[int]], gen: int, seed: int) -> dict[str, Any]:
-    def one(i: int) -> tuple[float, int, float]:
-        started = time.perf_counter()
-        first, count = None, 0
+    def one(i: int) -> tuple[float, int, list[float]]:
+        started, stamps, count = time.perf_counter(), [], 0
         for event in model.generate(prompts[i], max_tokens=gen, answer_reserve=0, seed=seed + i, **SAMPLING):
-            first = first or time.perf_counter()
             if event.stats is not None:
                 count = event.stats.completion_tokens
-        return (first or time.perf_counter()) - started, count, time.perf_counter()
+            else:  # one event per token here (random weights, no markers)
+                stamps.append(time.perf_counter())
+        return started, count, stamps
 
     started = time.perf_counter()
     with futures.ThreadPoolExecutor(len(prompts)) as pool:
@@ -56,19 +61,17 @@ def localqwen_round(model: Model, prompts: list[list[int]], gen: int, seed: int)
 
 
 def server_round(url: str, prompts: list[list[int]], gen: int, seed: int) -> dict[str, Any]:
-    def one(i: int) -> tuple[float, int, float]:
+    def one(i: int) -> tuple[float, int, list[float]]:
         body = {"prompt": prompts[i], "n_predict": gen, "ignore_eos": True, "stream": True, "cache_prompt": False,
                 "seed": seed + i, "temperature": SAMPLING["temperature"], "top_p": SAMPLING["top_p"],
                 "top_k": SAMPLING["top_k"], "min_p": SAMPLING["min_p"]}
-        started = time.perf_counter()
-        first, count = None, 0
+        started, stamps = time.perf_counter(), []
         with httpx.stream("POST", f"{url}/completion", json=body, timeout=3600) as response:
             response.raise_for_status()
             for line in response.iter_lines():
-                if line.startswith("data: ") and '"content"' in line:
-                    first = first or time.perf_counter()
-                    count += 1 if '"stop":false' in line.replace(" ", "") else 0
-        return (first or time.perf_counter()) - started, count, time.perf_counter()
+                if line.startswith("data: ") and '"stop":false' in line.replace(" ", ""):
+                    stamps.append(time.perf_counter())
+        return started, len(stamps), stamps
 
     started = time.perf_counter()
     with futures.ThreadPoolExecutor(len(prompts)) as pool:
@@ -76,24 +79,31 @@ def server_round(url: str, prompts: list[list[int]], gen: int, seed: int) -> dic
     return summary(results, started)
 
 
-def summary(results: list[tuple[float, int, float]], started: float) -> dict[str, Any]:
-    wall = max(end for _, _, end in results) - started
+def summary(results: list[tuple[float, int, list[float]]], started: float) -> dict[str, Any]:
+    """Totals over the streams: tokens per second from the first request to the last token (prompts included), the
+    decode throughput once every stream is generating (tokens after the last stream's first token, over that span:
+    what batching multiplies), and the mean time to first token."""
+    end = max(stamps[-1] for _, _, stamps in results)
+    all_decoding = max(stamps[0] for _, _, stamps in results)
+    decoded = sum(1 for _, _, stamps in results for t in stamps if t > all_decoding)
     tokens = sum(n for _, n, _ in results)
-    return {"tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
-            "ttft_s": round(statistics.mean(t for t, _, _ in results), 3)}
+    return {"tokens": tokens, "wall_s": round(end - started, 3), "tokens_per_s": round(tokens / (end - started), 2),
+            "decode_tok_s": round(decoded / (end - all_decoding), 2) if end > all_decoding else None,
+            "ttft_s": round(statistics.mean(stamps[0] - begun for begun, _, stamps in results), 3)}
 
 
 def concurrency(path: Path, args: Any) -> list[dict[str, Any]]:
     rows = []
     for n in args.streams:
         model = Model.load(path, n_ctx=args.ctx, threads=args.threads, parallel=n)
-        prompts = windows(model, args.prompt_tokens, n)
+        # New prompts every round: localqwen's slots keep the last prompt's cache, which a repeat would reuse.
+        every = windows(model, args.prompt_tokens, n * args.reps)
         server_args = ["-np", str(n), "-c", str(args.ctx * n), "-t", str(args.threads), "--min-p", "0",
                        "--no-webui"]
         pairs = []
         with LlamaServer.start(path, server_args, log=args.workdir / f"llama-server-np{n}.log") as server:
             for rep in range(args.reps):
-                seed = 100 * rep
+                seed, prompts = 100 * rep, every[n * rep:n * (rep + 1)]
                 order = ("localqwen", "server") if rep % 2 == 0 else ("server", "localqwen")
                 result = {}
                 for who in order:
@@ -106,14 +116,17 @@ def concurrency(path: Path, args: Any) -> list[dict[str, Any]]:
                "localqwen_tok_s": c.median([p["localqwen"]["tokens_per_s"] for p in pairs]),
                "server_tok_s": c.median([p["server"]["tokens_per_s"] for p in pairs]),
                "ratio": round(ratio, 3),
+               "localqwen_decode_tok_s": c.median([p["localqwen"]["decode_tok_s"] for p in pairs]),
+               "server_decode_tok_s": c.median([p["server"]["decode_tok_s"] for p in pairs]),
                "localqwen_ttft_s": c.median([p["localqwen"]["ttft_s"] for p in pairs]),
                "server_ttft_s": c.median([p["server"]["ttft_s"] for p in pairs]), "rounds": pairs}
         print(f"N={n}: localqwen {row['localqwen_tok_s']} tok/s, llama-server {row['server_tok_s']} tok/s, "
               f"ratio {row['ratio']}", flush=True)
         rows.append(row)
-    single = rows[0]["localqwen_tok_s"] if rows and rows[0]["streams"] == 1 else None
-    for row in rows:
-        row["vs_one_stream"] = round(row["localqwen_tok_s"] / single, 2) if single else None
+    one = rows[0] if rows and rows[0]["streams"] == 1 else None
+    for row in rows:  # what N streams give over one, in total and in decode throughput (llama-server's too)
+        for key in ("localqwen_tok_s", "localqwen_decode_tok_s", "server_decode_tok_s"):
+            row[f"{key.removesuffix('_tok_s')}_vs_one"] = round(row[key] / one[key], 2) if one else None
     return rows
 
 
@@ -155,8 +168,7 @@ def main() -> None:
     with c.LoadWatch() as load:
         rows = concurrency(path, args) if args.streams else []
         cache = restore(path, args) if args.restore_tokens else None
-    print(c.table(rows, ["streams", "localqwen_tok_s", "server_tok_s", "ratio", "vs_one_stream", "localqwen_ttft_s",
-                         "server_ttft_s"], f"parallel streams, {args.shape} {args.quant}"))
+    print(c.table(rows, COLUMNS, f"parallel streams, {args.shape} {args.quant}"))
     if cache:
         print(f"prompt cache, {cache['prompt_tokens']} tokens: evaluate {cache['evaluate']['ttft_s']} s, restore "
               f"{cache['restore']['ttft_s']} s ({cache['speedup']}x), state {c.gb(cache['state_bytes'])} GB")

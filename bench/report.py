@@ -166,11 +166,15 @@ def markdown(shape: str, results: dict[str, dict | None], plotted: bool) -> str:
                        "alternating rounds; ratios are taken within a round (x > 1: faster than raw)." if inf else "")
                + python_overhead_line(inf))
     out.append(section("Many streams at once: continuous batching against llama-server", par, "streams",
-                       ["streams", "localqwen_tok_s", "server_tok_s", "ratio", "vs_one_stream", "localqwen_ttft_s",
-                        "server_ttft_s"],
+                       ["streams", "localqwen_tok_s", "server_tok_s", "ratio", "localqwen_vs_one",
+                        "localqwen_decode_tok_s", "server_decode_tok_s", "localqwen_decode_vs_one",
+                        "server_decode_vs_one", "localqwen_ttft_s", "server_ttft_s"],
                        f" {par['settings']['prompt_tokens']}-token prompts (no shared prefix), "
                        f"{par['settings']['gen']} tokens per stream, {par['settings']['threads']} threads, median of "
-                       f"{par['settings']['reps']} alternating rounds; llama-server at its defaults with `-np N`."
+                       f"{par['settings']['reps']} alternating rounds; llama-server at its defaults with `-np N`. "
+                       "`*_tok_s`: all "
+                       "generated tokens over the wall time, prompts included; `*_decode_tok_s`: tokens per second "
+                       "once every stream is generating."
                        if par else "") + prompt_cache_line(par))
     out.append(section("Guaranteed answer shape: the cost of a JSON schema", st, "rounds",
                        ["localqwen_free", "localqwen_schema", "server_free", "server_schema"],

@@ -28,16 +28,18 @@ QUESTION = [{"role": "user", "content": "List the planets of the solar system as
 
 
 def localqwen_round(model: Model, gen: int, schema: Any, seed: int) -> float:
-    """Answer tokens per second: from the wrap-up's event (the prompt is evaluated; the wrap-up's own batch follows:
-    about one decode step) to the end."""
-    started, answer_tokens = None, 0
+    """Answer tokens per second as llama-server counts its `predicted_per_second` (tokens after the prompt's
+    evaluation over the time they took): from the first answer token to the last, the wrap-up's batch before them
+    left out as llama-server's prompt is."""
+    first, answer_tokens = None, 0
     for event in model.chat(QUESTION, schema=schema, thinking_budget=0, max_tokens=gen + model.wrap_up_tokens,
                             answer_reserve=0, seed=seed, **SAMPLING):
-        started = started or time.perf_counter()
+        if event.kind == "content" and first is None:
+            first = time.perf_counter()
         if event.stats is not None:
             answer_tokens = event.stats.content_tokens
-    assert started is not None and answer_tokens == gen
-    return answer_tokens / (time.perf_counter() - started)
+    assert first is not None and answer_tokens == gen
+    return (answer_tokens - 1) / (time.perf_counter() - first)
 
 
 def server_round(url: str, prompt: list[int], gen: int, schema: Any, seed: int) -> float:

@@ -212,6 +212,9 @@ def captured_llama_log() -> Iterator[list[str]]:
     import llama_cpp
     import llama_cpp._logger
 
+    from localqwen.backend import _quiet_once
+
+    _quiet_once()  # the first load installs localqwen's callback: have it done, so that it does not replace this one
     lines: list[str] = []
 
     @llama_cpp.llama_log_callback

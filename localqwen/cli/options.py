@@ -73,7 +73,8 @@ def memory_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     return apply([
         click.option("--kv-cache", "kv_type", type=click.Choice(KV_TYPES), default="f16", show_default=True,
                      help="KV cache type; q8_0/q4_0 reach long contexts (and turn on flash attention)."),
-        click.option("--flash-attn/--no-flash-attn", default=None, help="Default: on for a quantized KV cache."),
+        click.option("--flash-attn/--no-flash-attn", default=None,
+                     help="Default: on for a quantized KV cache or parallel sequences."),
         click.option("--gpu-layers", default="auto", show_default=True, metavar="N|auto",
                      help="Layers to offload to the GPU (CUDA/Metal builds)."),
     ], command)
