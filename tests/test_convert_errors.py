@@ -156,8 +156,11 @@ def test_interrupt_leaves_nothing_behind(tmp_path: Path, sig: signal.Signals) ->
     folder = write_checkpoint(tmp_path / "ckpt", shape, shards=1)
     out = tmp_path / "out"
     out.mkdir()
+    # SIGINT at its default, as a terminal's foreground command has it (a test run started as a background job of a
+    # shell inherits it ignored, and so would the child).
     child = subprocess.Popen([sys.executable, "-m", "localqwen", "convert", str(folder), "--quant", "q4_k_m",
-                              "--outdir", str(out), "--quiet"], stderr=subprocess.PIPE, text=True)
+                              "--outdir", str(out), "--quiet"], stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not any(p.name.endswith(".partial") for p in out.iterdir()):
         assert child.poll() is None and time.monotonic() < deadline, "conversion ended before it could be interrupted"
